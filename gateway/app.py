@@ -143,7 +143,7 @@ def _check_redis(client: redis.Redis) -> str:
 def _check_kafka(settings: GatewaySettings) -> str:
     try:
         admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000,
-                                 client_id="lookalike-gateway-readyz")
+                                 bootstrap_timeout_ms=3000, client_id="lookalike-gateway-readyz")
     except KafkaError as exc:
         return f"unreachable: {type(exc).__name__}"
     try:

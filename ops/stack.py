@@ -16,6 +16,7 @@ directory, waited for, and stopped cleanly:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import pwd
@@ -125,9 +126,12 @@ class LocalStack:
 
     # --- PostgreSQL -------------------------------------------------------------------------
     def _start_postgres(self) -> str:
-        import pgserver  # the binaries only; pgserver's own server management is not used
-
-        self._pg_bin = Path(pgserver.__file__).parent / "pginstall" / "bin"
+        # The binaries only: importing pgserver would start its own server management.
+        spec = importlib.util.find_spec("pgserver")
+        if spec is None:
+            raise StackError("PostgreSQL is not configured (LOOKALIKE_DATABASE_URL) and the `pgserver` package "
+                             "is not installed: pip install 'lookalike[local]'")
+        self._pg_bin = Path(spec.submodule_search_locations[0]) / "pginstall" / "bin"
         data, run = self.state_dir / "pgdata", self.state_dir / "pgrun"
         self._pg_data = data
         run.mkdir(exist_ok=True)
@@ -226,7 +230,8 @@ def kafka_ready(bootstrap: str) -> bool:
     """True when the broker answers a metadata request."""
     from kafka import KafkaAdminClient
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000, client_id="lookalike-probe")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000, bootstrap_timeout_ms=2000,
+                             client_id="lookalike-probe")
     try:
         admin.list_topics()
         return True

@@ -7,8 +7,9 @@ Hierarchy::
 
     Settings                 shared: where Postgres, Redis and Kafka are; topic names
     ├── GatewaySettings      HTTP limits
-    ├── WorkerSettings       model, search, replicas
-    └── IndexerSettings      consumer group, batching, image sources
+    └── ModelSettings        the embedding model and where it runs
+        ├── WorkerSettings   replicas of the shards
+        └── IndexerSettings  consumer group, batching, image sources
 """
 
 from __future__ import annotations
@@ -42,22 +43,27 @@ class GatewaySettings(Settings):
     default_k: int = Field(10, ge=1, le=100)
 
 
-class WorkerSettings(Settings):
-    """A Celery vision worker: the model and its replicas of the shards."""
+class ModelSettings(Settings):
+    """The embedding model; the worker and the indexer must agree on ``model_version``."""
 
     model_version: str = "effnet-lite0-imagenet-gap-v1"
     device: str = Field("auto", description="`auto` (CUDA when present), `cpu` or `cuda[:N]`.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
+    embed_batch: int = Field(8, ge=1, le=1024, description=(
+        "Most images in one forward pass: lower it on out-of-memory errors; on 2 CPU cores "
+        "Lite0 runs 40-44 img/s at 1-8 and 20 img/s at 32, on a GPU larger is faster."))
+
+
+class WorkerSettings(ModelSettings):
+    """A Celery vision worker: the model and its replicas of the shards."""
+
     replica_poll_ms: int = Field(200, ge=10, description="Longest wait of one changelog poll.")
     replica_status_interval_s: float = Field(1.0, gt=0, description="How often a worker reports its replicas to Redis.")
 
 
-class IndexerSettings(Settings):
+class IndexerSettings(ModelSettings):
     """The Kafka indexer (consumer group on the products topic)."""
 
-    model_version: str = "effnet-lite0-imagenet-gap-v1"
-    device: str = "auto"
-    torch_threads: int = 0
     group_id: str = "indexer"
     batch_size: int = Field(32, ge=1, le=1024, description="Most events embedded and written in one micro-batch.")
     poll_timeout_ms: int = Field(100, ge=1, description="Longest wait for one micro-batch to fill.")

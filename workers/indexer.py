@@ -205,38 +205,56 @@ def producer_for(settings) -> KafkaProducer:
                          max_request_size=8 * 1024 * 1024)
 
 
+def step(indexer: Indexer, consumer: KafkaConsumer) -> Outcome | None:
+    """Poll one micro-batch and make each partition's part durable, then commit past it.
+
+    A transient failure (Postgres or Kafka unavailable) commits nothing for that partition and
+    rewinds it to the batch's first offset, so the next poll retries the same events.
+
+    Returns:
+        The summed outcome, or None when a partition hit a transient error.
+    """
+    settings = indexer.settings
+    total, failed = Outcome(), False
+    for tp, records in consumer.poll(timeout_ms=settings.poll_timeout_ms, max_records=settings.batch_size).items():
+        start = time.perf_counter()
+        try:
+            outcome = indexer.process(tp, records)
+            consumer.commit(next_offsets(tp, records))
+        except TRANSIENT as exc:
+            log.warning("transient error on %s, will retry the batch: %s", tp, exc)
+            metrics.INDEXER_RETRIES.inc()
+            consumer.seek(tp, records[0].offset)
+            failed = True
+            continue
+        metrics.EVENTS.labels("applied").inc(outcome.applied)
+        metrics.EVENTS.labels("stale").inc(outcome.stale)
+        metrics.EVENTS.labels("dead_letter").inc(outcome.dead)
+        metrics.INDEXER_BATCH_SECONDS.observe(time.perf_counter() - start)
+        log.info("%s@%d: %d records, %d applied, %d stale, %d dead letters, %.2f s", tp.partition,
+                 records[0].offset, len(records), outcome.applied, outcome.stale, outcome.dead,
+                 time.perf_counter() - start)
+        total.applied += outcome.applied
+        total.stale += outcome.stale
+        total.dead += outcome.dead
+    return None if failed else total
+
+
 def run(settings: IndexerSettings, stop: list[bool]) -> None:
-    """Consume until ``stop[0]`` is set: process each partition's batch, then commit past it."""
+    """Consume until ``stop[0]`` is set, backing off (0.5 s doubling to 10 s) after transient errors."""
     engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
     producer = producer_for(settings)
     consumer = consumer_for(settings)
-    indexer = Indexer(settings, engine, producer, Embedder(settings.model_version, settings.device,
-                                                             settings.torch_threads))
+    indexer = Indexer(settings, engine, producer, Embedder.from_settings(settings))
     indexer.embedder.load()
     backoff_s = 0.5
     try:
         while not stop[0]:
-            batches = consumer.poll(timeout_ms=settings.poll_timeout_ms, max_records=settings.batch_size)
-            for tp, records in batches.items():
-                start = time.perf_counter()
-                try:
-                    outcome = indexer.process(tp, records)
-                    consumer.commit(next_offsets(tp, records))
-                except TRANSIENT as exc:
-                    # Nothing committed: rewind and retry the same batch after a pause.
-                    log.warning("transient error on %s, retrying in %.1f s: %s", tp, backoff_s, exc)
-                    metrics.INDEXER_RETRIES.inc()
-                    consumer.seek(tp, records[0].offset)
-                    time.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 10.0)
-                    continue
+            if step(indexer, consumer) is None:
+                time.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 10.0)
+            else:
                 backoff_s = 0.5
-                metrics.EVENTS.labels("applied").inc(outcome.applied)
-                metrics.EVENTS.labels("stale").inc(outcome.stale)
-                metrics.EVENTS.labels("dead_letter").inc(outcome.dead)
-                metrics.INDEXER_BATCH_SECONDS.observe(time.perf_counter() - start)
-                log.info("%s: %d records, %d applied, %d stale, %d dead letters, %.2f s", tp, len(records),
-                         outcome.applied, outcome.stale, outcome.dead, time.perf_counter() - start)
     finally:
         consumer.close()
         producer.close()

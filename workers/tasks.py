@@ -57,7 +57,7 @@ class Runtime:
         self.settings = settings
         self.engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
         self.store = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
-        self.embedder = Embedder(settings.model_version, settings.device, settings.torch_threads)
+        self.embedder = Embedder.from_settings(settings)
         self.replica = Replica(settings, self.engine, self.store, self.embedder.dim)
 
     def start(self) -> None:

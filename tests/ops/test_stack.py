@@ -1,0 +1,59 @@
+"""The embedded stack `make demo` uses on a machine with no services of its own."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+from kafka.errors import KafkaError
+import sqlalchemy as sa
+
+from ops.release import release
+from ops.stack import LocalStack, kafka_ready
+from schemas.settings import Settings
+
+
+@pytest.fixture
+def state_dir():
+    """A state directory PostgreSQL can reach when it runs as `nobody` (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="lookalike-stack-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_embedded_stack_starts_answers_takes_the_release_and_stops(state_dir):
+    with LocalStack(state_dir, env={}) as stack:
+        assert stack.started == ["postgres", "redis", "kafka"]
+        settings = Settings(database_url=stack.urls["postgres"], redis_url=stack.urls["redis"],
+                            kafka_bootstrap=stack.urls["kafka"])
+        assert redis.Redis.from_url(settings.redis_url).ping()
+        release(settings)
+        engine = sa.create_engine(settings.database_url)
+        with engine.connect() as conn:
+            tables = set(conn.execute(sa.text("SELECT tablename FROM pg_tables WHERE schemaname='public'")).scalars())
+        engine.dispose()
+        assert {"products", "product_vectors", "alembic_version"} <= tables
+        port = int(stack.urls["kafka"].rsplit(":", 1)[1])
+    assert stack.started == []
+    with pytest.raises(KafkaError):
+        kafka_ready(f"127.0.0.1:{port}")
+    assert not (state_dir / "pgdata" / "postmaster.pid").exists()
+
+
+def test_configured_services_are_used_not_started(tmp_path, stack):
+    with LocalStack(tmp_path, env=stack) as local:
+        assert local.started == []
+        assert local.environ() == stack
+
+
+def test_a_stale_postmaster_is_stopped_before_starting(state_dir):
+    first = LocalStack(state_dir, env={}, services=("postgres",))
+    first.start()
+    first._procs.clear()  # forget the server, as a killed launcher would
+    first.started.clear()
+    with LocalStack(state_dir, env={}, services=("postgres",)) as second:
+        url = second.urls["postgres"].replace("+psycopg2", "")
+        psycopg2.connect(url).close()

@@ -1,0 +1,157 @@
+"""The main job end to end: the Procfile processes on real PostgreSQL, Redis and Kafka.
+
+Publishes 300 products of the bundled sample through Kafka, waits until every worker
+can search them, then searches through the HTTP API: (a) a catalog product's own photo
+comes back first with cosine >= 0.99; (b) 20 query photos of products outside the
+indexed set get top-5 results of the query's masterCategory at least 90% of the time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from ops.publish import publish, read_catalog
+from ops.stack import free_port
+from schemas.jobs import JobStore
+from tests.conftest import ROOT, SAMPLE
+from workers import catalog
+
+MODEL_VERSION = "effnet-lite0-imagenet-gap-v1"
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+def labels(path: Path) -> dict[int, dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return {int(row["id"]): row for row in csv.DictReader(f)}
+
+
+@pytest.fixture(scope="module")
+def system(settings, stack, tmp_path_factory):
+    """honcho running `web`, `worker` and `indexer` from the Procfile; yields the gateway URL."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("procs") / "honcho.log"
+    env = {**os.environ, **stack, "LOOKALIKE_PORT": str(port), "LOOKALIKE_WORKER_THREADS": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with open(log_path, "wb") as log:
+        honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "start", "-f", str(ROOT / "Procfile"),
+                                   "-d", str(ROOT), "web", "worker", "indexer"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert honcho.poll() is None and time.monotonic() < deadline, log_path.read_text()[-5000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(honcho.pid, signal.SIGTERM)
+        honcho.wait(timeout=60)
+        if honcho.returncode not in (0, -signal.SIGTERM, 143):
+            print(log_path.read_text()[-5000:])
+
+
+@pytest.fixture(scope="module")
+def indexed(system, settings, engine) -> list[int]:
+    """Every 4th sample product, published and searchable on every worker."""
+    events, errors = read_catalog(SAMPLE / "products.csv", SAMPLE / "images")
+    assert not errors
+    events = events[::4]
+    ids = [e.product_id for e in events]
+    publish(settings.kafka_bootstrap, settings.products_topic, events)
+    store = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
+    deadline = time.monotonic() + 300
+    while True:
+        stored = catalog.count_vectors(engine, MODEL_VERSION, ids)
+        live = catalog.count_vectors(engine, MODEL_VERSION)
+        replicas = store.replicas()
+        if stored == len(ids) and replicas and all(r.ntotal >= live for r in replicas):
+            return ids
+        assert time.monotonic() < deadline, f"{stored}/{len(ids)} stored, replicas {replicas}"
+        time.sleep(0.5)
+
+
+def search(url: str, data: bytes, k: int = 5, timeout_s: float = 60) -> dict:
+    with httpx.Client(base_url=url, timeout=30) as client:
+        response = client.post("/v1/jobs", files={"image": ("photo.jpg", data)}, data={"k": str(k)})
+        assert response.status_code == 202, response.text
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = client.get(response.json()["status_url"]).json()
+            if status["status"] in ("done", "failed"):
+                return status
+            time.sleep(0.05)
+    raise AssertionError(f"job still {status['status']} after {timeout_s} s")
+
+
+def test_a_catalog_products_own_photo_comes_back_first(system, indexed):
+    scores = []
+    for product_id in indexed[::60]:
+        status = search(system, (SAMPLE / "images" / f"{product_id}.jpg").read_bytes())
+        assert status["status"] == "done", status
+        top = status["result"]["products"][0]
+        assert top["product_id"] == product_id
+        assert top["score"] >= 0.99
+        scores.append(top["score"])
+    record("own_photo_rank1", {"queries": len(scores), "min_score": min(scores)})
+
+
+def test_query_photos_outside_the_catalog_find_their_master_category(system, indexed):
+    queries = sorted(labels(SAMPLE / "queries.csv").items())[:20]
+    catalog_labels = labels(SAMPLE / "products.csv")
+    assert not {q for q, _ in queries} & set(indexed)
+    agree = {"masterCategory": 0, "subCategory": 0, "articleType": 0}
+    latencies, n = [], 0
+    for query_id, row in queries:
+        start = time.perf_counter()
+        status = search(system, (SAMPLE / "queries" / f"{query_id}.jpg").read_bytes())
+        latencies.append(time.perf_counter() - start)
+        assert status["status"] == "done", status
+        products = status["result"]["products"]
+        assert len(products) == 5
+        for hit in products:
+            n += 1
+            for level in agree:
+                agree[level] += catalog_labels[hit["product_id"]][level] == row[level]
+    precision = {level: count / n for level, count in agree.items()}
+    record("queries_top5_precision", {"queries": len(queries), "precision_at_5": precision,
+                                      "job_latency_s_median": sorted(latencies)[len(latencies) // 2]})
+    assert precision["masterCategory"] >= 0.90
+
+
+def test_a_job_whose_image_cannot_be_decoded_ends_failed_with_the_reason(system, indexed):
+    truncated = (SAMPLE / "queries" / "17423.jpg").read_bytes()[:400]  # a valid header, then nothing
+    status = search(system, truncated)
+    assert status["status"] == "failed"
+    assert status["error"]["code"] == "corrupt"
+    assert "truncated or corrupt" in status["error"]["message"]
+
+
+def test_result_thumbnails_are_served(system, indexed):
+    status = search(system, (SAMPLE / "images" / f"{indexed[0]}.jpg").read_bytes(), k=1)
+    image_url = status["result"]["products"][0]["image_url"]
+    response = httpx.get(f"{system}{image_url}")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content[:2] == b"\xff\xd8"
+
+
+def record(name: str, figures: dict) -> None:
+    """Keep measured figures as a test artifact (and show them with -s)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
+    print(name, json.dumps(figures))

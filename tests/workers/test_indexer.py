@@ -1,0 +1,178 @@
+"""The indexer against real PostgreSQL and a real Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from ops.publish import publish, read_catalog
+from ops.release import create_topics
+from schemas.events import CatalogEvent, DeadLetter, ImageRef, VectorChange
+from schemas.settings import IndexerSettings
+from schemas.tables import product_vectors, products
+from tests.conftest import SAMPLE
+from workers.indexer import Indexer, Outcome, consumer_for, producer_for, step
+
+
+@pytest.fixture
+def isettings(settings) -> IndexerSettings:
+    """Indexer settings on topics and a consumer group of this test's own."""
+    name = uuid.uuid4().hex[:8]
+    isettings = IndexerSettings(**{**settings.model_dump(), "products_topic": f"{name}.products",
+                                   "vectors_topic": f"{name}.vectors", "dlq_topic": f"{name}.dlq",
+                                   "group_id": f"indexer-{name}", "model_version": "test-model"})
+    create_topics(isettings)
+    return isettings
+
+
+@pytest.fixture
+def kafka_clients(isettings):
+    consumer, producer = consumer_for(isettings), producer_for(isettings)
+    yield consumer, producer
+    consumer.close()
+    producer.close()
+
+
+ID_OFFSET = 9_000_000  # product ids of these tests' own, apart from the end-to-end test's
+
+
+@pytest.fixture(scope="module")
+def sample_events() -> list[CatalogEvent]:
+    events, errors = read_catalog(SAMPLE / "products.csv", SAMPLE / "images", version=1)
+    assert not errors
+    return [e.model_copy(update={"product_id": e.product_id + ID_OFFSET}) for e in events]
+
+
+def run_until(indexer: Indexer, consumer: KafkaConsumer, done, timeout_s: float = 60) -> Outcome:
+    """Step the indexer until ``done(total)``; the consumer group join takes a few seconds on Tansu."""
+    total = Outcome()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        outcome = step(indexer, consumer)
+        if outcome is not None:
+            total.applied += outcome.applied
+            total.stale += outcome.stale
+            total.dead += outcome.dead
+        if done(total):
+            return total
+    raise AssertionError(f"indexer did not finish in {timeout_s} s: {total}")
+
+
+def read_all(settings, topic: str, partitions: int) -> list:
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=2000)
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+    records = list(consumer)
+    consumer.close()
+    return records
+
+
+def committed(consumer: KafkaConsumer, settings) -> dict[int, int | None]:
+    return {p: consumer.committed(TopicPartition(settings.products_topic, p)) for p in range(settings.partitions)}
+
+
+def test_commits_only_after_products_and_vectors_are_written(isettings, kafka_clients, engine, embedder,
+                                                              sample_events):
+    consumer, producer = kafka_clients
+    events = sample_events[:12]
+    ids = [e.product_id for e in events]
+    publish(isettings.kafka_bootstrap, isettings.products_topic, events)
+
+    broken = sa.create_engine("postgresql+psycopg2://postgres@127.0.0.1:1/nowhere")
+    failing = Indexer(isettings, broken, producer, embedder)
+    deadline = time.monotonic() + 30
+    while step(failing, consumer) is not None:  # None: records came and the batch failed
+        assert time.monotonic() < deadline, "no records reached the consumer"
+    assert committed(consumer, isettings) == {p: None for p in range(isettings.partitions)}
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).where(products.c.id.in_(ids))).scalar_one() == 0
+
+    indexer = Indexer(isettings, engine, producer, embedder)
+    total = run_until(indexer, consumer, lambda t: t.applied == len(events))
+    assert (total.stale, total.dead) == (0, 0)
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(product_vectors.c.product_id, product_vectors.c.dim)
+                            .where(product_vectors.c.product_id.in_(ids))).all()
+    assert sorted(r.product_id for r in rows) == sorted(ids) and {r.dim for r in rows} == {1280}
+    highwater = {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()}
+    assert committed(consumer, isettings) == {p: highwater.get(p) or None for p in range(isettings.partitions)}
+    changes = [VectorChange.model_validate_json(r.value) for r in read_all(isettings, isettings.vectors_topic, 4)]
+    assert sorted(c.product_id for c in changes) == sorted(ids)
+
+
+def test_republishing_the_same_version_changes_nothing(isettings, kafka_clients, engine, embedder,
+                                                       sample_events):
+    consumer, producer = kafka_clients
+    events = sample_events[12:20]
+    ids = [e.product_id for e in events]
+    indexer = Indexer(isettings, engine, producer, embedder)
+    publish(isettings.kafka_bootstrap, isettings.products_topic, events)
+    run_until(indexer, consumer, lambda t: t.applied == len(events))
+    with engine.connect() as conn:
+        before = conn.execute(sa.select(products.c.id, products.c.updated_at).where(products.c.id.in_(ids))).all()
+
+    publish(isettings.kafka_bootstrap, isettings.products_topic, events)
+    total = run_until(indexer, consumer, lambda t: t.stale == len(events))
+    assert total.applied == 0
+    with engine.connect() as conn:
+        after = conn.execute(sa.select(products.c.id, products.c.updated_at).where(products.c.id.in_(ids))).all()
+    assert sorted(after) == sorted(before)
+    assert len(read_all(isettings, isettings.vectors_topic, 4)) == len(events)
+
+
+def test_newer_version_wins_and_delete_removes_the_vector(isettings, kafka_clients, engine, embedder,
+                                                          sample_events):
+    consumer, producer = kafka_clients
+    event = sample_events[20]
+    renamed = event.model_copy(update={"version": 2, "title": "Renamed"})
+    deleted = CatalogEvent(op="delete", product_id=event.product_id, version=3)
+    late = event.model_copy(update={"version": 2, "title": "Too late"})
+    indexer = Indexer(isettings, engine, producer, embedder)
+    publish(isettings.kafka_bootstrap, isettings.products_topic, [event, renamed])
+    run_until(indexer, consumer, lambda t: t.applied + t.stale == 2)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(products.c.title).where(products.c.id == event.product_id)).scalar_one() \
+            == "Renamed"
+
+    publish(isettings.kafka_bootstrap, isettings.products_topic, [deleted, late])
+    run_until(indexer, consumer, lambda t: t.applied + t.stale == 2)
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(products.c.deleted, products.c.version)
+                           .where(products.c.id == event.product_id)).one()
+        vectors = conn.execute(sa.select(sa.func.count()).where(
+            product_vectors.c.product_id == event.product_id)).scalar_one()
+    assert (row.deleted, row.version, vectors) == (True, 3, 0)
+    ops = [VectorChange.model_validate_json(r.value).op for r in read_all(isettings, isettings.vectors_topic, 4)]
+    assert ops[-1] == "delete"
+
+
+def test_invalid_events_go_to_the_dead_letter_topic_with_the_reason(isettings, kafka_clients, engine, embedder,
+                                                                    sample_events):
+    consumer, producer = kafka_clients
+    good = sample_events[21]
+    not_an_image = sample_events[22].model_copy(update={"image": ImageRef(data="aGVsbG8=")})
+    raw = KafkaProducer(bootstrap_servers=isettings.kafka_bootstrap)
+    raw.send(isettings.products_topic, key=b"1", value=b"{not json")
+    raw.send(isettings.products_topic, key=b"2", value=b'{"op": "upsert", "product_id": 2, "version": 1}')
+    raw.flush()
+    raw.close()
+    publish(isettings.kafka_bootstrap, isettings.products_topic, [good, not_an_image])
+    indexer = Indexer(isettings, engine, producer, embedder)
+    total = run_until(indexer, consumer, lambda t: t.applied + t.dead == 4)
+    assert (total.applied, total.dead) == (1, 3)
+
+    letters = [DeadLetter.model_validate_json(r.value) for r in read_all(isettings, isettings.dlq_topic, 1)]
+    reasons = {letter.key: letter.reason for letter in letters}
+    assert "Invalid JSON" in reasons["1"]
+    assert "an upsert needs title, master_category, image" in reasons["2"]
+    assert "not an image" in reasons[str(not_an_image.product_id)]
+    assert all(letter.topic == isettings.products_topic and letter.offset >= 0 for letter in letters)
+    highwater = {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()}
+    assert committed(consumer, isettings) == {p: highwater.get(p) or None for p in range(isettings.partitions)}
+
+
