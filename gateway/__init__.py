@@ -1,0 +1,1 @@
+"""The HTTP gateway (Starlette): ``uvicorn --factory gateway.app:create_app``."""
