@@ -11,6 +11,7 @@ import base64
 import binascii
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 
@@ -84,6 +85,17 @@ class VectorChange(BaseModel):
     version: int
     model_version: str
     vector: str | None = Field(None, description="float32 little-endian, base64; absent for a delete.")
+
+    @classmethod
+    def of(cls, product_id: int, version: int, model_version: str, vector: np.ndarray | None) -> VectorChange:
+        """An upsert of ``vector`` (float32 (D,)), or a delete when it is None."""
+        return cls(op="delete" if vector is None else "upsert", product_id=product_id, version=version,
+                   model_version=model_version,
+                   vector=None if vector is None else base64.b64encode(vector.astype("<f4").tobytes()).decode())
+
+    def array(self) -> np.ndarray:
+        """The vector, float32 (D,)."""
+        return np.frombuffer(base64.b64decode(self.vector or ""), dtype="<f4")
 
 
 class DeadLetter(BaseModel):

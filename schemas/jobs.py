@@ -40,6 +40,7 @@ class ReplicaStatus(BaseModel):
     model_version: str
     ntotal: int
     shard_sizes: list[int]
+    lag: int | None = None  # changelog records not yet applied (None: not known yet)
     updated_at: float
 
 

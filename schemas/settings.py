@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, description="Partitions of the catalog topics = FAISS shards.")
     job_ttl_s: int = Field(3600, ge=60, description="How long a job's status and result stay in Redis.")
     max_pixels: int = Field(4096 * 4096, ge=32 * 32, description="Largest decoded image, width x height.")
+    snapshot_dir: Path | None = Field(None, description=(
+        "Where the indexer writes shard snapshots and workers read them (a shared volume); "
+        "unset: no snapshots, workers build their replicas from PostgreSQL."))
 
 
 class GatewaySettings(Settings):
@@ -75,3 +78,5 @@ class IndexerSettings(ModelSettings):
     )
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image in an event.")
     thumbnail_px: int = Field(160, ge=32, le=512, description="Longest side of the stored thumbnail.")
+    snapshot_every_changes: int = Field(1000, ge=1, description="Snapshot a shard after this many changes...")
+    snapshot_interval_s: float = Field(10.0, gt=0, description="...or this long after its first unsnapshotted change.")

@@ -82,9 +82,9 @@ def write_deletes(conn: sa.Connection, events: list[CatalogEvent]) -> list[int]:
     return deleted
 
 
-def load_vectors(engine: sa.Engine, model_version: str, chunk: int = 10_000
+def load_vectors(engine: sa.Engine, model_version: str, shard: int | None = None, chunk: int = 10_000
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Every live product's vector of ``model_version``, streamed in chunks.
+    """Every live product's vector of ``model_version`` (in one shard, if given), streamed in chunks.
 
     Yields:
         ``(shards, ids, vectors)``: int32 (N,), int64 (N,), float32 (N, D).
@@ -93,11 +93,25 @@ def load_vectors(engine: sa.Engine, model_version: str, chunk: int = 10_000
              .join(products, products.c.id == product_vectors.c.product_id)
              .where(product_vectors.c.model_version == model_version, products.c.deleted.is_(False))
              .execution_options(yield_per=chunk))
+    if shard is not None:
+        query = query.where(product_vectors.c.shard == shard)
     with engine.connect() as conn:
         for part in conn.execute(query).partitions():
             shards, ids, blobs = zip(*part)
             yield (np.array(shards, dtype=np.int32), np.array(ids, dtype=np.int64),
                    np.stack([np.frombuffer(b, dtype="<f4") for b in blobs]))
+
+
+def current_state(conn: sa.Connection, ids: Iterable[int], model_version: str
+                  ) -> list[tuple[int, int, bool, np.ndarray | None]]:
+    """``(id, version, deleted, vector or None)`` of stored products, for re-publishing their changes."""
+    query = (sa.select(products.c.id, products.c.version, products.c.deleted, product_vectors.c.vector)
+             .outerjoin(product_vectors, sa.and_(product_vectors.c.product_id == products.c.id,
+                                                 product_vectors.c.model_version == model_version))
+             .where(products.c.id.in_(list(ids))))
+    return [(row.id, row.version, row.deleted,
+             None if row.vector is None else np.frombuffer(row.vector, dtype="<f4"))
+            for row in conn.execute(query)]
 
 
 def fetch_products(engine: sa.Engine, ids: Iterable[int]) -> dict[int, sa.Row]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
@@ -29,10 +29,11 @@ from pydantic import ValidationError
 
 from schemas.events import CatalogEvent, DeadLetter, VectorChange
 from schemas.settings import IndexerSettings
-from workers import catalog, metrics
+from workers import catalog, metrics, snapshots
 from workers.decode import decode
 from workers.embed import Embedder
 from workers.errors import ImageRejected, InvalidEvent, InvalidInput
+from workers.shards import Shard
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,50 @@ TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError, KafkaError)
 
 @dataclass
 class Outcome:
-    """What one micro-batch did: ids applied, stale events ignored, dead letters sent."""
+    """What one micro-batch did: changes applied, stale events ignored, dead letters sent, and
+    events already applied before (same version) whose vector change was published again."""
 
     applied: int = 0
     stale: int = 0
     dead: int = 0
+    replayed: int = 0
+
+    def add(self, other: Outcome) -> None:
+        self.applied += other.applied
+        self.stale += other.stale
+        self.dead += other.dead
+        self.replayed += other.replayed
 
 
 def next_offsets(tp: TopicPartition, records: list[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
     """The commit for a processed batch: the offset after its last record."""
     return {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1)}
+
+
+class OwnedShard:
+    """A shard this indexer writes, with the changelog position it reflects."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.next_offset: int | None = None  # of catalog.vectors: the first change not in the shard
+        self.last_timestamp_ms = -1  # of the change at next_offset - 1
+        self.changes = 0  # since the last snapshot
+        self.first_change_at = 0.0
+
+    def apply(self, changes: list[VectorChange], receipts: list) -> None:
+        """Apply published changes; ``receipts`` are their RecordMetadata (offset, timestamp)."""
+        for change in changes:
+            ids = np.array([change.product_id], dtype=np.int64)
+            if change.vector is None:
+                self.shard.remove(ids)
+            else:
+                self.shard.upsert(ids, change.array()[None, :])
+        if receipts:
+            if self.changes == 0:
+                self.first_change_at = time.monotonic()
+            self.changes += len(receipts)
+            last = max(receipts, key=lambda r: r.offset)
+            self.next_offset, self.last_timestamp_ms = last.offset + 1, last.timestamp
 
 
 class Indexer:
@@ -63,6 +98,36 @@ class Indexer:
         self.producer = producer
         self.embedder = embedder
         self.roots = [root.resolve() for root in settings.image_roots]
+        self.shards: dict[int, OwnedShard] = {}  # the partitions this indexer owns now
+
+    def assign(self, partitions: list[int]) -> None:
+        """Take ownership of shards: each is rebuilt from Postgres, the system of record."""
+        for partition in partitions:
+            chunks = catalog.load_vectors(self.engine, self.embedder.model_version, partition)
+            self.shards[partition] = OwnedShard(Shard.build(self.embedder.dim, chunks))
+            log.info("own shard %d: %d vectors", partition, self.shards[partition].shard.ntotal)
+
+    def revoke(self, partitions: list[int]) -> None:
+        """Give shards up (rebalance or shutdown), snapshotting what changed first."""
+        for partition in partitions:
+            self.snapshot(partition, force=True)
+            self.shards.pop(partition, None)
+
+    def snapshot(self, partition: int, force: bool = False) -> snapshots.Snapshot | None:
+        """Write shard ``partition`` if it changed ``snapshot_every_changes`` times or
+        ``snapshot_interval_s`` ago (or at all, with ``force``) and snapshots are configured."""
+        owned = self.shards.get(partition)
+        directory = self.settings.snapshot_dir
+        if directory is None or owned is None or owned.next_offset is None or owned.changes == 0:
+            return None
+        due = owned.changes >= self.settings.snapshot_every_changes or \
+            time.monotonic() - owned.first_change_at >= self.settings.snapshot_interval_s
+        if not (force or due):
+            return None
+        written = snapshots.write(directory, self.embedder.model_version, partition, owned.shard,
+                                  owned.next_offset, owned.last_timestamp_ms)
+        owned.changes = 0
+        return written
 
     def process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> Outcome:
         """Make one partition's batch durable: Postgres, changelog and dead letters written and flushed.
@@ -90,7 +155,10 @@ class Indexer:
         with self.engine.connect() as conn:
             stored = catalog.stored_versions(conn, latest)
         fresh = [(e, r) for e, r in latest.values() if e.version > stored.get(e.product_id, -1)]
-        outcome.stale += len(latest) - len(fresh)
+        # The same version again: a replay after a crash may have written Postgres but not the
+        # changelog, so the stored state's change is published again (harmless for replicas).
+        replayed = [e.product_id for e, _ in latest.values() if e.version == stored.get(e.product_id)]
+        outcome.stale += len(latest) - len(fresh) - len(replayed)
 
         images = []
         for event, record in fresh:
@@ -107,26 +175,29 @@ class Indexer:
                    for (event, pixels), vector in zip(images, vectors)]
         deletes = [e for e, _ in fresh if e.op == "delete"]
 
+        model_version = self.embedder.model_version
         with self.engine.begin() as conn:
-            written = set(catalog.write_upserts(conn, upserts, self.embedder.model_version))
+            written = set(catalog.write_upserts(conn, upserts, model_version))
             removed = set(catalog.write_deletes(conn, deletes))
+            again = catalog.current_state(conn, replayed, model_version) if replayed else []
         outcome.stale += len(upserts) - len(written) + len(deletes) - len(removed)
         outcome.applied = len(written) + len(removed)
 
-        for item in upserts:
-            if item.event.product_id in written:
-                futures.append(self.publish_change(tp.partition, VectorChange(
-                    op="upsert", product_id=item.event.product_id, version=item.event.version,
-                    model_version=self.embedder.model_version,
-                    vector=base64.b64encode(item.vector.astype("<f4").tobytes()).decode())))
-        for event in deletes:
-            if event.product_id in removed:
-                futures.append(self.publish_change(tp.partition, VectorChange(
-                    op="delete", product_id=event.product_id, version=event.version,
-                    model_version=self.embedder.model_version)))
+        changes = [VectorChange.of(u.event.product_id, u.event.version, model_version, u.vector)
+                   for u in upserts if u.event.product_id in written]
+        changes += [VectorChange.of(e.product_id, e.version, model_version, None)
+                    for e in deletes if e.product_id in removed]
+        changes += [VectorChange.of(i, version, model_version, None if deleted else vector)
+                    for i, version, deleted, vector in again if deleted or vector is not None]
+        outcome.replayed = len(again)
+        sent = [self.publish_change(tp.partition, change) for change in changes]
         self.producer.flush()
         for future in futures:
             future.get(timeout=30)  # raises KafkaError if a send failed: the batch is then retried
+        receipts = [future.get(timeout=30) for future in sent]
+        owned = self.shards.get(tp.partition)
+        if owned is not None:
+            owned.apply(changes, receipts)
         return outcome
 
     def parse(self, record: ConsumerRecord) -> CatalogEvent:
@@ -190,12 +261,26 @@ def thumbnail(pixels: np.ndarray, max_px: int) -> bytes:
     return out.getvalue()
 
 
-def consumer_for(settings: IndexerSettings) -> KafkaConsumer:
+class _Ownership(ConsumerRebalanceListener):
+    """Partitions assigned by the group become shards the indexer owns (and revoked ones, not)."""
+
+    def __init__(self, indexer: Indexer) -> None:
+        self.indexer = indexer
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.indexer.revoke([tp.partition for tp in revoked])
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.indexer.assign([tp.partition for tp in assigned])
+
+
+def consumer_for(settings: IndexerSettings, indexer: Indexer | None = None) -> KafkaConsumer:
+    """The group consumer; with ``indexer``, assignments and revocations move its shards."""
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id, client_id="lookalike-indexer",
         enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=settings.batch_size,
         session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms)
-    consumer.subscribe([settings.products_topic])
+    consumer.subscribe([settings.products_topic], listener=_Ownership(indexer) if indexer else None)
     return consumer
 
 
@@ -230,13 +315,14 @@ def step(indexer: Indexer, consumer: KafkaConsumer) -> Outcome | None:
         metrics.EVENTS.labels("applied").inc(outcome.applied)
         metrics.EVENTS.labels("stale").inc(outcome.stale)
         metrics.EVENTS.labels("dead_letter").inc(outcome.dead)
+        metrics.EVENTS.labels("replayed").inc(outcome.replayed)
         metrics.INDEXER_BATCH_SECONDS.observe(time.perf_counter() - start)
-        log.info("%s@%d: %d records, %d applied, %d stale, %d dead letters, %.2f s", tp.partition,
-                 records[0].offset, len(records), outcome.applied, outcome.stale, outcome.dead,
-                 time.perf_counter() - start)
-        total.applied += outcome.applied
-        total.stale += outcome.stale
-        total.dead += outcome.dead
+        log.info("%s@%d: %d records, %d applied, %d stale, %d dead letters, %d replayed, %.2f s",
+                 tp.partition, records[0].offset, len(records), outcome.applied, outcome.stale, outcome.dead,
+                 outcome.replayed, time.perf_counter() - start)
+        total.add(outcome)
+    for partition in list(indexer.shards):
+        indexer.snapshot(partition)
     return None if failed else total
 
 
@@ -244,9 +330,9 @@ def run(settings: IndexerSettings, stop: list[bool]) -> None:
     """Consume until ``stop[0]`` is set, backing off (0.5 s doubling to 10 s) after transient errors."""
     engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
     producer = producer_for(settings)
-    consumer = consumer_for(settings)
     indexer = Indexer(settings, engine, producer, Embedder.from_settings(settings))
     indexer.embedder.load()
+    consumer = consumer_for(settings, indexer)
     backoff_s = 0.5
     try:
         while not stop[0]:
@@ -256,6 +342,7 @@ def run(settings: IndexerSettings, stop: list[bool]) -> None:
             else:
                 backoff_s = 0.5
     finally:
+        indexer.revoke(list(indexer.shards))
         consumer.close()
         producer.close()
         engine.dispose()

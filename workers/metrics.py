@@ -3,7 +3,7 @@
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter("lookalike_indexer_events_total", "Catalog events by outcome.", ["outcome"])
-# outcome: applied | stale | dead_letter
+# outcome: applied | stale | dead_letter | replayed
 INDEXER_BATCH_SECONDS = Histogram("lookalike_indexer_batch_seconds", "One micro-batch, poll to commit.")
 INDEXER_RETRIES = Counter("lookalike_indexer_retries_total", "Batches retried after a transient error.")
 

@@ -1,14 +1,14 @@
-"""A worker's read replica of every shard: loaded from PostgreSQL, then kept current from
-the ``catalog.vectors`` changelog (partition p feeds shard p), in a background thread.
+"""A worker's read replica of every shard, kept current from the ``catalog.vectors`` changelog.
 
-Loading Postgres first and then replaying the changelog from its beginning converges:
-each product's changes are ordered within its partition and applying one is idempotent,
-so the replica ends at the newest state whatever the overlap.
+On start each shard comes from the newest snapshot the indexer wrote (then the changelog is
+tailed from the offset recorded in it), or, without a usable snapshot, from PostgreSQL (then
+the changelog is tailed from its beginning). Either way the replica converges: each product's
+changes are ordered within its partition and applying one twice changes nothing. If the
+broker lost its log (an offset is out of range), the shard is rebuilt from PostgreSQL.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import socket
 import threading
@@ -17,14 +17,14 @@ import time
 import numpy as np
 import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, OffsetOutOfRangeError
 from pydantic import ValidationError
 
 from schemas.events import VectorChange
 from schemas.jobs import JobStore, ReplicaStatus
 from schemas.settings import WorkerSettings
-from workers import catalog, metrics
-from workers.shards import ShardSet
+from workers import catalog, metrics, snapshots
+from workers.shards import Shard, ShardSet
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +36,56 @@ class Replica:
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.dim = dim
         self.shards = ShardSet(settings.partitions, dim)
         self.name = f"{socket.gethostname()}:{id(self):x}"
+        self.start_offsets: dict[int, int] = {}
+        self.lag: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def load(self) -> int:
-        """Put every live vector of this model version from Postgres into its shard. Returns the count."""
-        count = 0
-        for shards, ids, vectors in catalog.load_vectors(self.engine, self.settings.model_version):
-            for shard in np.unique(shards):
-                mask = shards == shard
-                self.shards.shards[int(shard)].upsert(ids[mask], vectors[mask])
-            count += len(ids)
-        log.info("replica loaded %d vectors from postgres: %s", count, self.shards.sizes())
-        return count
+    def _tp(self, partition: int) -> TopicPartition:
+        return TopicPartition(self.settings.vectors_topic, partition)
+
+    def load(self) -> None:
+        """Fill every shard from its newest valid snapshot, else from Postgres."""
+        for partition in range(self.settings.partitions):
+            snapshot = snapshots.newest(self.settings.snapshot_dir, self.settings.model_version, partition)
+            if snapshot is not None and self._still_in_log(snapshot):
+                self.shards.replace(partition, snapshot.load())
+                self.start_offsets[partition] = snapshot.offset
+                source = f"snapshot {snapshot.path.name}"
+            else:
+                self.rebuild(partition)
+                source = "postgres"
+            log.info("replica shard %d: %d vectors from %s, changelog from offset %d", partition,
+                     self.shards.shards[partition].ntotal, source, self.start_offsets[partition])
+
+    def rebuild(self, partition: int) -> None:
+        """Shard ``partition`` from Postgres; the changelog is then replayed from its beginning."""
+        chunks = catalog.load_vectors(self.engine, self.settings.model_version, partition)
+        self.shards.replace(partition, Shard.build(self.dim, chunks))
+        self.start_offsets[partition] = 0
+
+    def _still_in_log(self, snapshot: snapshots.Snapshot) -> bool:
+        """Whether the changelog record before the snapshot's offset is the one it recorded."""
+        tp = self._tp(snapshot.partition)
+        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
+                                 auto_offset_reset="none", consumer_timeout_ms=3000)
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, snapshot.offset - 1)
+            for record in consumer:
+                return record.offset == snapshot.offset - 1 and record.timestamp == snapshot.last_timestamp_ms
+            return False
+        except KafkaError as exc:
+            log.info("snapshot %s not usable (%s)", snapshot.path.name, exc)
+            return False
+        finally:
+            consumer.close()
 
     def start(self) -> None:
-        """Load from Postgres, then tail the changelog in a daemon thread."""
+        """Load the shards, then tail the changelog in a daemon thread."""
         self.load()
         self._thread = threading.Thread(target=self._tail, name="replica", daemon=True)
         self._thread.start()
@@ -72,15 +104,23 @@ class Replica:
         if change.op == "delete":
             shard.remove(ids)
         else:
-            vector = np.frombuffer(base64.b64decode(change.vector), dtype="<f4")[None, :]
-            shard.upsert(ids, vector)
+            shard.upsert(ids, change.array()[None, :])
 
-    def report(self) -> None:
+    def report(self, consumer: KafkaConsumer | None) -> None:
+        """Publish this replica's sizes and lag (records behind each partition's high watermark)."""
         sizes = self.shards.sizes()
         for shard, size in enumerate(sizes):
             metrics.SHARD_VECTORS.labels(str(shard)).set(size)
+        if consumer is not None:
+            behind = []
+            for partition in range(self.settings.partitions):
+                tp = self._tp(partition)
+                highwater = consumer.highwater(tp)
+                behind.append(None if highwater is None else max(0, highwater - consumer.position(tp)))
+            self.lag = None if None in behind else sum(behind)
         self.store.report_replica(ReplicaStatus(worker=self.name, model_version=self.settings.model_version,
-                                                ntotal=sum(sizes), shard_sizes=sizes, updated_at=time.time()))
+                                                ntotal=sum(sizes), shard_sizes=sizes, lag=self.lag,
+                                                updated_at=time.time()))
 
     def _tail(self) -> None:
         consumer = None
@@ -89,15 +129,21 @@ class Replica:
             try:
                 if consumer is None:
                     consumer = self._consumer()
-                for tp, records in consumer.poll(timeout_ms=self.settings.replica_poll_ms).items():
+                batches = consumer.poll(timeout_ms=self.settings.replica_poll_ms)
+                for tp, records in batches.items():
                     for record in records:
                         try:
                             self.apply(tp.partition, VectorChange.model_validate_json(record.value))
                         except (ValidationError, ValueError) as exc:  # written by our own indexer: a bug
                             log.error("skipping malformed changelog entry %s@%d: %s", tp, record.offset, exc)
                 if time.monotonic() - last_report >= self.settings.replica_status_interval_s:
-                    self.report()
+                    self.report(consumer)
                     last_report = time.monotonic()
+            except OffsetOutOfRangeError as exc:  # the broker lost the log: Postgres is the truth
+                for tp in exc.args[0]:  # {TopicPartition: fetch offset}
+                    log.warning("changelog %s out of range: rebuilding shard %d from postgres", tp, tp.partition)
+                    self.rebuild(tp.partition)
+                    consumer.seek(tp, 0)
             except KafkaError as exc:
                 log.warning("changelog unavailable, retrying: %s", exc)
                 if consumer is not None:
@@ -112,9 +158,10 @@ class Replica:
 
     def _consumer(self) -> KafkaConsumer:
         consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
-                                 enable_auto_commit=False, auto_offset_reset="earliest",
+                                 enable_auto_commit=False, auto_offset_reset="none",
                                  client_id=f"lookalike-replica-{self.name}")
-        partitions = [TopicPartition(self.settings.vectors_topic, p) for p in range(self.settings.partitions)]
+        partitions = [self._tp(p) for p in range(self.settings.partitions)]
         consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
+        for tp in partitions:
+            consumer.seek(tp, self.start_offsets.get(tp.partition, 0))
         return consumer

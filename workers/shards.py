@@ -9,6 +9,7 @@ different shards do not block each other.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 import faiss
 import numpy as np
@@ -21,10 +22,33 @@ class Shard:
         dim: Vector dimension.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, index: faiss.Index | None = None) -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._lock = threading.Lock()
+
+    @classmethod
+    def build(cls, dim: int, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Shard:
+        """A shard of the ``(shards, ids, vectors)`` chunks of :func:`workers.catalog.load_vectors`."""
+        shard = cls(dim)
+        for _, ids, vectors in chunks:
+            shard.upsert(ids, vectors)
+        return shard
+
+    def to_bytes(self) -> bytes:
+        """The index in FAISS's own serialization (``faiss.serialize_index``)."""
+        with self._lock:
+            return faiss.serialize_index(self._index).tobytes()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Shard:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        return cls(index.d, index)
+
+    def ids(self) -> np.ndarray:
+        """Every id in the shard, int64 (ntotal,), in insertion order (duplicates would show here)."""
+        with self._lock:
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
     @property
     def ntotal(self) -> int:
@@ -71,6 +95,10 @@ class ShardSet:
     def __init__(self, n_shards: int, dim: int) -> None:
         self.shards = [Shard(dim) for _ in range(n_shards)]
         self.dim = dim
+
+    def replace(self, number: int, shard: Shard) -> None:
+        """Swap in a rebuilt shard (searches see the old one or the new one, never half of either)."""
+        self.shards[number] = shard
 
     @property
     def ntotal(self) -> int:
