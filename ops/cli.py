@@ -193,6 +193,42 @@ def search(photo: Path = typer.Argument(..., exists=True, dir_okay=False),
     print_result(submit_search(url, photo, k), f"top {k} for {photo.name}")
 
 
+dlq_app = typer.Typer(help="Dead letters: catalog events that could not be applied.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(limit: int = typer.Option(100, help="Show at most this many (oldest first).")) -> None:
+    """List dead letters: where each event came from and why it was refused."""
+    from ops import dlq
+    from schemas.settings import Settings
+
+    table = Table(title=f"dead letters ({Settings().dlq_topic})")
+    for column in ("dlq offset", "source", "key", "reason"):
+        table.add_column(column)
+    count = 0
+    for offset, letter in dlq.read(Settings()):
+        count += 1
+        if count <= limit:
+            table.add_row(str(offset), f"{letter.topic}[{letter.partition}]@{letter.offset}", letter.key or "",
+                          letter.reason)
+    console.print(table)
+    console.print(f"{count} dead letter(s)" + (f", first {limit} shown" if count > limit else ""))
+
+
+@dlq_app.command("replay")
+def dlq_replay(offsets: list[int] = typer.Argument(None, help="DLQ offsets to replay (default: all)."),
+               yes: bool = typer.Option(False, "--yes", help="Replay all without asking.")) -> None:
+    """Publish dead letters' original events again (after fixing what refused them)."""
+    from ops import dlq
+    from schemas.settings import Settings
+
+    if not offsets and not yes:
+        typer.confirm("Replay every dead letter?", abort=True)
+    sent = dlq.replay(Settings(), set(offsets) if offsets else None)
+    console.print(f"re-published {sent} event(s)")
+
+
 @app.command()
 def demo(state_dir: Path = typer.Option(Path(".lookalike"), help="Data, sockets and logs of started services."),
          query: Path = typer.Option(SAMPLE / "queries" / "17423.jpg", exists=True, help="Photo to search.")) -> None:

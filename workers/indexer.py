@@ -34,6 +34,7 @@ from workers.decode import decode
 from workers.embed import Embedder
 from workers.errors import ImageRejected, InvalidEvent, InvalidInput
 from workers.shards import Shard
+from workers.topics import create_topics
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +327,20 @@ def step(indexer: Indexer, consumer: KafkaConsumer) -> Outcome | None:
     return None if failed else total
 
 
+TOPIC_CHECK_INTERVAL_S = 5.0
+
+
+def ensure_topics(consumer: KafkaConsumer, settings: IndexerSettings) -> None:
+    """Recreate the catalog topics if the broker lost them (a memory broker restarted): the group
+    then starts over on the empty log, and shards come back from Postgres on reassignment."""
+    try:
+        if settings.products_topic not in consumer.topics():
+            log.warning("topic %s is missing: creating the catalog topics", settings.products_topic)
+            create_topics(settings)
+    except KafkaError as exc:
+        log.warning("cannot check topics: %s", exc)
+
+
 def run(settings: IndexerSettings, stop: list[bool]) -> None:
     """Consume until ``stop[0]`` is set, backing off (0.5 s doubling to 10 s) after transient errors."""
     engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
@@ -333,9 +348,12 @@ def run(settings: IndexerSettings, stop: list[bool]) -> None:
     indexer = Indexer(settings, engine, producer, Embedder.from_settings(settings))
     indexer.embedder.load()
     consumer = consumer_for(settings, indexer)
-    backoff_s = 0.5
+    backoff_s, topics_checked = 0.5, 0.0
     try:
         while not stop[0]:
+            if time.monotonic() - topics_checked > TOPIC_CHECK_INTERVAL_S:
+                ensure_topics(consumer, settings)
+                topics_checked = time.monotonic()
             if step(indexer, consumer) is None:
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 10.0)

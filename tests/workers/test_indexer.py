@@ -9,8 +9,9 @@ import pytest
 import sqlalchemy as sa
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from ops import dlq
 from ops.publish import publish, read_catalog
-from ops.release import create_topics
+from workers.topics import create_topics
 from schemas.events import CatalogEvent, DeadLetter, ImageRef, VectorChange
 from schemas.settings import IndexerSettings
 from schemas.tables import product_vectors, products
@@ -194,5 +195,14 @@ def test_invalid_events_go_to_the_dead_letter_topic_with_the_reason(isettings, k
     assert all(letter.topic == isettings.products_topic and letter.offset >= 0 for letter in letters)
     highwater = {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()}
     assert committed(consumer, isettings) == {p: highwater.get(p) or None for p in range(isettings.partitions)}
+
+    # An operator lists them and replays one: the same event comes back and is refused again.
+    listed = list(dlq.read(isettings))
+    assert [letter for _, letter in listed] == letters
+    assert dlq.replay(isettings, {listed[0][0]}) == 1
+    run_until(indexer, consumer, lambda t: t.dead == 1)
+    again = [letter for _, letter in dlq.read(isettings)]
+    assert len(again) == 4 and again[-1].payload == listed[0][1].payload
+    assert (again[-1].partition, again[-1].offset) != (listed[0][1].partition, listed[0][1].offset)
 
 

@@ -1,0 +1,45 @@
+"""Dead letters of ``catalog.products.dlq``: list them, and publish their payloads again."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from schemas.events import DeadLetter
+from schemas.settings import Settings
+
+
+def read(settings: Settings, timeout_ms: int = 3000) -> Iterator[tuple[int, DeadLetter]]:
+    """Every dead letter as ``(offset in the DLQ, letter)``, oldest first."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest", consumer_timeout_ms=timeout_ms)
+    try:
+        partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
+        consumer.assign([TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)])
+        for record in consumer:
+            yield record.offset, DeadLetter.model_validate_json(record.value)
+    finally:
+        consumer.close()
+
+
+def replay(settings: Settings, offsets: set[int] | None = None) -> int:
+    """Publish the original payloads of the dead letters at ``offsets`` (all if None) to their
+    source topic, with their keys. Returns how many were sent.
+
+    Raises:
+        kafka.errors.KafkaError: a send failed.
+    """
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                             max_request_size=8 * 1024 * 1024)
+    try:
+        futures = [producer.send(letter.topic, key=letter.key.encode() if letter.key is not None else None,
+                                 value=base64.b64decode(letter.payload))
+                   for offset, letter in read(settings) if offsets is None or offset in offsets]
+        producer.flush()
+        for future in futures:
+            future.get(timeout=60)
+        return len(futures)
+    finally:
+        producer.close()
