@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 
 from schemas.events import DeadLetter
 from schemas.settings import Settings
+from workers import topics
 
 
 def read(settings: Settings, timeout_ms: int = 3000) -> Iterator[tuple[int, DeadLetter]]:
@@ -31,8 +32,7 @@ def replay(settings: Settings, offsets: set[int] | None = None) -> int:
     Raises:
         kafka.errors.KafkaError: a send failed.
     """
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
-                             max_request_size=8 * 1024 * 1024)
+    producer = topics.producer(settings.kafka_bootstrap)
     try:
         futures = [producer.send(letter.topic, key=letter.key.encode() if letter.key is not None else None,
                                  value=base64.b64decode(letter.payload))

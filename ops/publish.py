@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kafka import KafkaProducer
 from pydantic import ValidationError
 
 from schemas.events import CatalogEvent, ImageRef
+from workers import topics
 
 COLUMNS = {"id": "product_id", "gender": "gender", "masterCategory": "master_category",
            "subCategory": "sub_category", "articleType": "article_type", "baseColour": "base_colour",
@@ -69,8 +69,7 @@ def publish(bootstrap: str, topic: str, events: Iterable[CatalogEvent],
     Raises:
         kafka.errors.KafkaError: a send failed after the producer's retries.
     """
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
-                             max_request_size=8 * 1024 * 1024)
+    producer = topics.producer(bootstrap)
     try:
         futures = []
         for event in events:

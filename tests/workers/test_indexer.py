@@ -16,7 +16,8 @@ from schemas.events import CatalogEvent, DeadLetter, ImageRef, VectorChange
 from schemas.settings import IndexerSettings
 from schemas.tables import product_vectors, products
 from tests.conftest import SAMPLE
-from workers.indexer import Indexer, Outcome, consumer_for, producer_for, step
+from workers import topics
+from workers.indexer import Indexer, Outcome, consumer_for, step
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def isettings(settings) -> IndexerSettings:
 
 @pytest.fixture
 def kafka_clients(isettings):
-    consumer, producer = consumer_for(isettings), producer_for(isettings)
+    consumer, producer = consumer_for(isettings), topics.producer(isettings.kafka_bootstrap)
     yield consumer, producer
     consumer.close()
     producer.close()
