@@ -84,6 +84,9 @@ class VectorChange(BaseModel):
     version: int
     model_version: str
     vector: str | None = Field(None, description="float32 little-endian, base64; absent for a delete.")
+    source_timestamp_ms: int | None = Field(None, description=(
+        "Kafka timestamp (ms since the epoch) of the catalog event this change comes from, so a replica "
+        "can measure freshness; absent in changes written before it existed."))
 
 
 class DeadLetter(BaseModel):

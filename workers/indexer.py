@@ -63,6 +63,7 @@ class Indexer:
         self.producer = producer
         self.embedder = embedder
         self.roots = [root.resolve() for root in settings.image_roots]
+        self.lag = metrics.PartitionLag(metrics.INDEXER_LAG)
 
     def process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> Outcome:
         """Make one partition's batch durable: Postgres, changelog and dead letters written and flushed.
@@ -118,12 +119,14 @@ class Indexer:
                 futures.append(self.publish_change(tp.partition, VectorChange(
                     op="upsert", product_id=item.event.product_id, version=item.event.version,
                     model_version=self.embedder.model_version,
-                    vector=base64.b64encode(item.vector.astype("<f4").tobytes()).decode())))
+                    vector=base64.b64encode(item.vector.astype("<f4").tobytes()).decode(),
+                    source_timestamp_ms=source_timestamp_ms(latest[item.event.product_id][1]))))
         for event in deletes:
             if event.product_id in removed:
                 futures.append(self.publish_change(tp.partition, VectorChange(
                     op="delete", product_id=event.product_id, version=event.version,
-                    model_version=self.embedder.model_version)))
+                    model_version=self.embedder.model_version,
+                    source_timestamp_ms=source_timestamp_ms(latest[event.product_id][1]))))
         self.producer.flush()
         for future in futures:
             future.get(timeout=30)  # raises KafkaError if a send failed: the batch is then retried
@@ -181,6 +184,11 @@ class Indexer:
                                   value=change.model_dump_json().encode(), partition=partition)
 
 
+def source_timestamp_ms(record: ConsumerRecord) -> int | None:
+    """The catalog record's Kafka timestamp (ms since the epoch), or None when it has none."""
+    return record.timestamp if record.timestamp is not None and record.timestamp >= 0 else None
+
+
 def thumbnail(pixels: np.ndarray, max_px: int) -> bytes:
     """A JPEG of at most ``max_px`` on the longest side, from uint8 (H, W, 3) RGB."""
     image = Image.fromarray(pixels)
@@ -231,12 +239,14 @@ def step(indexer: Indexer, consumer: KafkaConsumer) -> Outcome | None:
         metrics.EVENTS.labels("stale").inc(outcome.stale)
         metrics.EVENTS.labels("dead_letter").inc(outcome.dead)
         metrics.INDEXER_BATCH_SECONDS.observe(time.perf_counter() - start)
+        metrics.INDEXER_BATCH_EVENTS.observe(len(records))
         log.info("%s@%d: %d records, %d applied, %d stale, %d dead letters, %.2f s", tp.partition,
                  records[0].offset, len(records), outcome.applied, outcome.stale, outcome.dead,
                  time.perf_counter() - start)
         total.applied += outcome.applied
         total.stale += outcome.stale
         total.dead += outcome.dead
+    indexer.lag.update(consumer)
     return None if failed else total
 
 
@@ -266,6 +276,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     settings = IndexerSettings()
+    metrics.serve(settings.metrics_host, settings.metrics_port)
     stop = [False]
 
     def _stop(signum, frame):

@@ -40,6 +40,8 @@ class Replica:
         self.name = f"{socket.gethostname()}:{id(self):x}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lag = metrics.PartitionLag(metrics.REPLICA_LAG)
+        self._live: set[int] = set()  # partitions caught up once: their changes count for freshness
 
     def load(self) -> int:
         """Put every live vector of this model version from Postgres into its shard. Returns the count."""
@@ -92,9 +94,14 @@ class Replica:
                 for tp, records in consumer.poll(timeout_ms=self.settings.replica_poll_ms).items():
                     for record in records:
                         try:
-                            self.apply(tp.partition, VectorChange.model_validate_json(record.value))
+                            change = VectorChange.model_validate_json(record.value)
+                            self.apply(tp.partition, change)
+                            if tp.partition in self._live and change.source_timestamp_ms is not None:
+                                metrics.REPLICA_FRESHNESS.observe(
+                                    max(0.0, time.time() - change.source_timestamp_ms / 1000))
                         except (ValidationError, ValueError) as exc:  # written by our own indexer: a bug
                             log.error("skipping malformed changelog entry %s@%d: %s", tp, record.offset, exc)
+                self._live |= {p for p, lag in self.lag.update(consumer).items() if lag == 0}
                 if time.monotonic() - last_report >= self.settings.replica_status_interval_s:
                     self.report()
                     last_report = time.monotonic()
@@ -117,4 +124,5 @@ class Replica:
         partitions = [TopicPartition(self.settings.vectors_topic, p) for p in range(self.settings.partitions)]
         consumer.assign(partitions)
         consumer.seek_to_beginning(*partitions)
+        self._live.clear()  # a new consumer replays from the beginning: catch-up again
         return consumer
