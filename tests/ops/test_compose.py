@@ -1,4 +1,5 @@
-"""docker-compose.yml, ops/Dockerfile and ops/prometheus*.yml, checked without a Docker engine.
+"""docker-compose.yml, ops/Dockerfile, ops/prometheus*.yml and Grafana's provisioning, checked
+without a Docker engine.
 
 The YAML is parsed as written (before compose interpolates ``${...}``), so a literal secret
 shows up as itself. ``docker compose config`` (or ``docker-compose config``) runs too where
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "ops" / "prometheus.yml"
 PROMETHEUS_LOCAL = ROOT / "ops" / "prometheus.local.yml"
+GRAFANA = ROOT / "ops" / "grafana"
 METRICS_PORT = "9100"  # LOOKALIKE_METRICS_PORT of workers and indexers in compose
 DOCKERFILE = ROOT / "ops" / "Dockerfile"
 
@@ -99,7 +101,7 @@ COMPOSE_CLI = compose_cli()
 def test_docker_compose_config_accepts_the_file_and_refuses_a_missing_password():
     command = [*COMPOSE_CLI, "-f", str(COMPOSE), "--profile", "gpu", "config", "-q"]
     env = {key: os.environ[key] for key in ("PATH", "HOME", "DOCKER_HOST") if key in os.environ}
-    secrets = {"POSTGRES_PASSWORD": "compose-test-only"}
+    secrets = {"POSTGRES_PASSWORD": "compose-test-only", "GRAFANA_ADMIN_PASSWORD": "compose-test-only"}
     ok = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, env={**env, **secrets})
     assert ok.returncode == 0, ok.stderr
     for missing in secrets:
@@ -157,7 +159,7 @@ def test_no_password_is_written_in_the_file(compose):
         for password in URL_PASSWORD.findall(text):
             assert SECRET_REF.match(password), f"{where} has a password in a URL: {password!r}"
     raw = COMPOSE.read_text()
-    for secret in ("POSTGRES_PASSWORD",):
+    for secret in ("POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
         assert "${%s:?" % secret in raw
         assert not re.search(rf"{secret}:-", raw), "a default would be a password in the file"
 
@@ -212,7 +214,10 @@ def test_prometheus_finds_every_replica_of_every_process_in_compose(services):
                 assert env["LOOKALIKE_METRICS_PORT"] == port and env["LOOKALIKE_METRICS_HOST"] == "0.0.0.0", host
     web = shlex.split(services["web"]["command"])
     assert web[web.index("--port") + 1] == "8000"
-    assert "./ops/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    assert config["rule_files"] == ["alerts.yml"]
+    volumes = services["prometheus"]["volumes"]
+    assert "./ops/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in volumes
+    assert "./ops/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes  # beside it: rule_files is relative
 
 
 def test_the_local_prometheus_config_scrapes_honchos_ports():
@@ -226,7 +231,34 @@ def test_the_local_prometheus_config_scrapes_honchos_ports():
                for job in config["scrape_configs"]}
     assert targets == {"lookalike-web": ["127.0.0.1:8000"], "lookalike-worker": ["127.0.0.1:5100"],
                        "lookalike-indexer": ["127.0.0.1:5200"]}
+    assert config["rule_files"] == ["alerts.yml"]
     assert "honcho start web worker indexer" in PROMETHEUS_LOCAL.read_text()
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard_for_anonymous_viewers(services):
+    grafana = services["grafana"]
+    env = env_of(grafana)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert SECRET_REF.match(env["GF_SECURITY_ADMIN_PASSWORD"])
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    mounts = {}
+    for volume in grafana["volumes"]:
+        source, target, *_ = volume.split(":")
+        mounts[target] = source
+        if source.startswith("./"):
+            assert (ROOT / source).is_dir(), f"grafana mounts {source}, which is not in the repository"
+    assert mounts["/etc/grafana/provisioning"] == "./ops/grafana/provisioning"
+
+    (source,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    url = urlsplit(source["url"])
+    assert source["type"] == "prometheus" and url.hostname == "prometheus"
+    assert f"{url.port}:{url.port}" in services["prometheus"]["ports"]
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "lookalike.yml").read_text())["providers"]
+    dashboards = provider["options"]["path"]
+    assert mounts[dashboards] == "./ops/grafana/dashboards"
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards + "/") and (GRAFANA / "dashboards" / home.rsplit("/", 1)[1]).is_file()
+    assert "3000:3000" in grafana["ports"]
 
 
 def test_dockerfile_copies_every_package_and_runs_unprivileged():
