@@ -4,25 +4,33 @@
 Redis and Kafka. The test scrapes all three, publishes a few sample products and one event
 that can never succeed, submits jobs (two good photos, one corrupt), scrapes again and checks
 that the series exist and moved by what was done: counters by the number of events and jobs,
-lag back to 0 on every partition, shard sizes equal to the vectors in PostgreSQL.
+lag back to 0 on every partition, shard sizes equal to the vectors in PostgreSQL. Where a
+``prometheus`` binary is installed, a real Prometheus then scrapes them with
+ops/prometheus.local.yml and evaluates ops/alerts.yml and every dashboard query.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import time
 from collections import defaultdict
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import redis
 import sqlalchemy as sa
+import yaml
 from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops.publish import publish, read_catalog
+from ops.stack import free_port
 from schemas.jobs import JobStore
 from schemas.tables import product_vectors, products
-from tests.conftest import SAMPLE, declared
+from tests.conftest import ROOT, SAMPLE, declared
 from tests.test_end_to_end import MODEL_VERSION, search
 from workers import catalog
 
@@ -196,3 +204,72 @@ def test_model_load_time_is_reported_and_gpu_memory_only_on_cuda(after):
             assert {dict(key)["kind"] for key in gpu} == {"allocated", "reserved"}
         else:
             assert gpu == {}
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.fixture(scope="module")
+def prometheus(procfile, worked, tmp_path_factory):
+    """A real Prometheus on ops/prometheus.local.yml and ops/alerts.yml, its targets pointed at this
+    session's processes, scraping and evaluating every second. Yields its base URL."""
+    config = yaml.safe_load((ROOT / "ops" / "prometheus.local.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ROOT / "ops" / rule) for rule in config["rule_files"]]
+    hosts = {"lookalike-web": procfile.url, "lookalike-worker": procfile.metrics["worker"],
+             "lookalike-indexer": procfile.metrics["indexer"]}
+    for job in config["scrape_configs"]:
+        job["static_configs"] = [{"targets": [urlsplit(hosts[job["job_name"]]).netloc]}]
+    tmp = tmp_path_factory.mktemp("prometheus")
+    (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(tmp / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address={urlsplit(url).netloc}"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _ready(url):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "prometheus.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def api(url: str, path: str, **params) -> dict:
+    body = httpx.get(f"{url}/api/v1/{path}", params=params, timeout=10).json()
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="no prometheus binary (apt-get install prometheus)")
+def test_prometheus_scrapes_every_process_and_evaluates_every_alert_and_panel(prometheus, engine):
+    down = ("LookalikeWorkerDown", "LookalikeNoWorker", "LookalikeIndexerDown", "LookalikeGatewayDown")
+    deadline = time.monotonic() + 60
+    while True:  # every target up, and the rules evaluated since (before the first scrape, `up` is absent)
+        targets = api(prometheus, "targets")["activeTargets"]
+        rules = {rule["name"]: rule for group in api(prometheus, "rules")["groups"] for rule in group["rules"]}
+        if len(targets) == 3 and all(t["health"] == "up" for t in targets) and \
+                rules and all(rules[name]["state"] == "inactive" for name in down):
+            break
+        assert time.monotonic() < deadline, f"targets {targets}, rules {rules}"
+        time.sleep(1)
+    assert {t["labels"]["job"] for t in targets} == {"lookalike-web", "lookalike-worker", "lookalike-indexer"}
+    assert {name: rule["health"] for name, rule in rules.items()} == dict.fromkeys(rules, "ok")
+    assert float(api(prometheus, "query", query="sum(lookalike_shard_vectors)")["result"][0]["value"][1]) == \
+        sum(vectors_per_shard(engine).values())
+
+    dashboard = json.loads((ROOT / "ops" / "grafana" / "dashboards" / "lookalike.json").read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            query = target["expr"].replace("$__rate_interval", "1m").replace("$__range", "1h")
+            assert api(prometheus, "query", query=query)["resultType"] == "vector", panel["title"]
