@@ -5,7 +5,7 @@ PostgreSQL and Redis are the machine's (``LOOKALIKE_TEST_DATABASE_URL``, default
 127.0.0.1:6379) when they answer, else embedded ones from ``ops.stack``; the broker is
 always an embedded Tansu, fresh per test session. The database schema is dropped and
 migrated at the start of the session. ``procfile`` runs the Procfile's processes on them,
-once per session, for the tests of the whole system.
+once per test module, for the tests of the whole system.
 """
 
 from __future__ import annotations
@@ -130,9 +130,12 @@ def _answers_http(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def procfile(settings, stack, tmp_path_factory) -> System:
     """honcho running `web`, `worker` and `indexer` from the Procfile, every one answering.
+
+    One per test module, stopped at its end, so that a module can run processes of its own
+    (say, workers to stop mid-job) without others taking their work.
 
     Ready means: the gateway's /readyz is 200 and the worker's and the indexer's /metrics answer
     (the worker serves them once its model and replicas are loaded).
