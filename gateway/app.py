@@ -156,7 +156,8 @@ def _check_kafka(settings: GatewaySettings) -> str:
 
 
 async def prometheus(request: Request) -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    # In a thread: the queue depth is read from Redis at scrape time.
+    return Response(await run_in_threadpool(generate_latest), media_type=CONTENT_TYPE_LATEST)
 
 
 class _Metrics:
@@ -194,6 +195,7 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
         celery = Celery("lookalike-gateway", broker=settings.redis_url, set_as_current=False)
         celery.conf.update(broker_connection_retry_on_startup=True, broker_connection_max_retries=1,
                            broker_transport_options={"visibility_timeout": 300, "max_retries": 1})
+        metrics.QUEUE_DEPTH.watch(client, QUEUE_VISION)
         yield {"settings": settings, "redis": client, "engine": engine, "celery": celery,
                "store": JobStore(client, settings.job_ttl_s)}
         engine.dispose()

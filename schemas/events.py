@@ -85,12 +85,16 @@ class VectorChange(BaseModel):
     version: int
     model_version: str
     vector: str | None = Field(None, description="float32 little-endian, base64; absent for a delete.")
+    source_timestamp_ms: int | None = Field(None, description=(
+        "Kafka timestamp (ms since the epoch) of the catalog event this change comes from, so a replica "
+        "can measure freshness; absent in changes written before it existed."))
 
     @classmethod
-    def of(cls, product_id: int, version: int, model_version: str, vector: np.ndarray | None) -> VectorChange:
+    def of(cls, product_id: int, version: int, model_version: str, vector: np.ndarray | None,
+           source_timestamp_ms: int | None = None) -> VectorChange:
         """An upsert of ``vector`` (float32 (D,)), or a delete when it is None."""
         return cls(op="delete" if vector is None else "upsert", product_id=product_id, version=version,
-                   model_version=model_version,
+                   model_version=model_version, source_timestamp_ms=source_timestamp_ms,
                    vector=None if vector is None else base64.b64encode(vector.astype("<f4").tobytes()).decode())
 
     def array(self) -> np.ndarray:

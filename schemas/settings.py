@@ -7,7 +7,7 @@ Hierarchy::
 
     Settings                 shared: where Postgres, Redis and Kafka are; topic names
     ├── GatewaySettings      HTTP limits
-    └── ModelSettings        the embedding model and where it runs
+    └── ModelSettings        the embedding model and where it runs; the metrics port
         ├── WorkerSettings   replicas of the shards
         └── IndexerSettings  consumer group, batching, image sources
 """
@@ -47,7 +47,11 @@ class GatewaySettings(Settings):
 
 
 class ModelSettings(Settings):
-    """The embedding model; the worker and the indexer must agree on ``model_version``."""
+    """The embedding model; the worker and the indexer must agree on ``model_version``.
+
+    Also where the process serves ``/metrics``: workers and indexers are not HTTP servers,
+    so each runs a small one of its own on ``metrics_host:metrics_port``.
+    """
 
     model_version: str = "effnet-lite0-imagenet-gap-v1"
     device: str = Field("auto", description="`auto` (CUDA when present), `cpu` or `cuda[:N]`.")
@@ -55,6 +59,10 @@ class ModelSettings(Settings):
     embed_batch: int = Field(8, ge=1, le=1024, description=(
         "Most images in one forward pass: lower it on out-of-memory errors; on 2 CPU cores "
         "Lite0 runs 40-44 img/s at 1-8 and 20 img/s at 32, on a GPU larger is faster."))
+    metrics_host: str = Field("127.0.0.1", description="Address of this process's /metrics; 0.0.0.0 in a container.")
+    metrics_port: int = Field(0, ge=0, le=65535, description=(
+        "Port of this process's /metrics; 0 picks a free one and logs it. The Procfile passes honcho's "
+        "$PORT, so several workers or indexers on one host never collide."))
 
 
 class WorkerSettings(ModelSettings):

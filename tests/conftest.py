@@ -4,15 +4,25 @@ PostgreSQL and Redis are the machine's (``LOOKALIKE_TEST_DATABASE_URL``, default
 ``test`` database on 127.0.0.1:5432; ``LOOKALIKE_TEST_REDIS_URL``, default db 15 on
 127.0.0.1:6379) when they answer, else embedded ones from ``ops.stack``; the broker is
 always an embedded Tansu, fresh per test session. The database schema is dropped and
-migrated at the start of the session.
+migrated at the start of the session. ``procfile`` runs the Procfile's processes on them,
+once per test module, for the tests of the whole system.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
+import httpx
 import pytest
 import redis
 import sqlalchemy as sa
@@ -84,3 +94,95 @@ def embedder():
     model = Embedder("test-model", device="cpu")
     model.load()
     return model
+
+
+@dataclass
+class System:
+    """The Procfile's long-running processes under honcho: where to reach each of them."""
+
+    url: str                    # the gateway
+    metrics: dict[str, str]     # process name -> its /metrics URL
+    log_path: Path              # honcho's output, every process prefixed by its name
+
+
+def free_base_port(processes: int) -> int:
+    """A base port for ``honcho start -p`` such that base + 100 * i is free for each process i.
+
+    honcho gives the i-th process named on its command line ``PORT = base + 100 * i``; picking
+    a base at random keeps test sessions that run side by side off each other's ports.
+    """
+    for _ in range(100):
+        base = random.randrange(20000, 30000)
+        try:
+            for i in range(processes):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", base + 100 * i))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free run of ports for honcho")
+
+
+def _answers_http(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def procfile(settings, stack, tmp_path_factory) -> System:
+    """honcho running `web`, `worker` and `indexer` from the Procfile, every one answering.
+
+    One per test module, stopped at its end, so that a module can run processes of its own
+    (say, workers to stop mid-job) without others taking their work.
+
+    Ready means: the gateway's /readyz is 200 and the worker's and the indexer's /metrics answer
+    (the worker serves them once its model and replicas are loaded).
+    """
+    from ops.stack import free_port
+
+    processes = ["web", "worker", "indexer"]
+    port, base = free_port(), free_base_port(len(processes))
+    log_path = tmp_path_factory.mktemp("procs") / "honcho.log"
+    env = {**os.environ, **stack, "LOOKALIKE_PORT": str(port), "LOOKALIKE_WORKER_THREADS": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    with open(log_path, "wb") as log:
+        honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "start", "-f", str(ROOT / "Procfile"),
+                                   "-d", str(ROOT), "-p", str(base), *processes],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    system = System(url=f"http://127.0.0.1:{port}", log_path=log_path,
+                    metrics={name: f"http://127.0.0.1:{base + 100 * i}/metrics"
+                             for i, name in enumerate(processes) if name != "web"})
+    system.metrics["web"] = f"{system.url}/metrics"
+    try:
+        deadline = time.monotonic() + 180
+        checks = [f"{system.url}/readyz", system.metrics["worker"], system.metrics["indexer"]]
+        while checks:
+            if _answers_http(checks[0]):
+                checks.pop(0)
+                continue
+            assert honcho.poll() is None and time.monotonic() < deadline, \
+                f"{checks[0]} did not answer:\n{log_path.read_text()[-5000:]}"
+            time.sleep(0.5)
+        yield system
+    finally:
+        os.killpg(honcho.pid, signal.SIGTERM)
+        honcho.wait(timeout=60)
+        if honcho.returncode not in (0, -signal.SIGTERM, 143):
+            print(log_path.read_text()[-5000:])
+
+
+def declared(module: ModuleType) -> dict[str, tuple[str, set[str]]]:
+    """Metric families a metrics module declares: family name -> (type, label names).
+
+    Label names come from ``_labelnames`` of prometheus_client's metrics and ``LABELS`` of the
+    modules' own collectors.
+    """
+    families = {}
+    for obj in vars(module).values():
+        if callable(getattr(obj, "describe", None)) and not isinstance(obj, (type, ModuleType)):
+            labels = set(getattr(obj, "_labelnames", None) or getattr(obj, "LABELS", ()))
+            for family in obj.describe():
+                families[family.name] = (family.type, labels)
+    return families

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +18,6 @@ import pytest
 import redis
 
 from ops.publish import publish, read_catalog
-from ops.stack import free_port
 from schemas.jobs import JobStore
 from tests.conftest import ROOT, SAMPLE
 from workers import catalog
@@ -37,33 +32,9 @@ def labels(path: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def system(settings, stack, tmp_path_factory):
-    """honcho running `web`, `worker` and `indexer` from the Procfile; yields the gateway URL."""
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("procs") / "honcho.log"
-    env = {**os.environ, **stack, "LOOKALIKE_PORT": str(port), "LOOKALIKE_WORKER_THREADS": "2",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    with open(log_path, "wb") as log:
-        honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "start", "-f", str(ROOT / "Procfile"),
-                                   "-d", str(ROOT), "web", "worker", "indexer"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert honcho.poll() is None and time.monotonic() < deadline, log_path.read_text()[-5000:]
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(honcho.pid, signal.SIGTERM)
-        honcho.wait(timeout=60)
-        if honcho.returncode not in (0, -signal.SIGTERM, 143):
-            print(log_path.read_text()[-5000:])
+def system(procfile) -> str:
+    """The gateway URL of the Procfile's `web`, `worker` and `indexer` (``procfile`` in conftest)."""
+    return procfile.url
 
 
 @pytest.fixture(scope="module")

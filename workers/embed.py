@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workers import metrics
+
 log = logging.getLogger(__name__)
 
 INPUT_PX = 224
@@ -97,6 +99,9 @@ class Embedder:
                     model = torch.jit.freeze(torch.jit.trace(model, example))
             self._model = model
             self.load_s = time.perf_counter() - start
+            metrics.MODEL_LOAD_SECONDS.labels(self.model_version, self.device.type).set(self.load_s)
+            if self.device.type == "cuda":
+                metrics.GPU_MEMORY.watch(self.device)
             log.info("loaded %s on %s in %.1f s", self.model_version, self.device, self.load_s)
 
     @classmethod
@@ -127,6 +132,8 @@ class Embedder:
             x = x.to(torch.bfloat16)
         with torch.inference_mode():
             features = self._model(x).float()
+        metrics.EMBED_BATCH_IMAGES.observe(len(images))
+        metrics.IMAGES_EMBEDDED.inc(len(images))
         return torch.nn.functional.normalize(features, dim=1).cpu().numpy()
 
 

@@ -99,6 +99,7 @@ class Indexer:
         self.producer = producer
         self.embedder = embedder
         self.roots = [root.resolve() for root in settings.image_roots]
+        self.lag = metrics.PartitionLag(metrics.INDEXER_LAG)
         self.shards: dict[int, OwnedShard] = {}  # the partitions this indexer owns now
 
     def assign(self, partitions: list[int]) -> None:
@@ -184,11 +185,12 @@ class Indexer:
         outcome.stale += len(upserts) - len(written) + len(deletes) - len(removed)
         outcome.applied = len(written) + len(removed)
 
-        changes = [VectorChange.of(u.event.product_id, u.event.version, model_version, u.vector)
-                   for u in upserts if u.event.product_id in written]
-        changes += [VectorChange.of(e.product_id, e.version, model_version, None)
+        stamp = {product_id: source_timestamp_ms(record) for product_id, (_, record) in latest.items()}
+        changes = [VectorChange.of(u.event.product_id, u.event.version, model_version, u.vector,
+                                   stamp[u.event.product_id]) for u in upserts if u.event.product_id in written]
+        changes += [VectorChange.of(e.product_id, e.version, model_version, None, stamp[e.product_id])
                     for e in deletes if e.product_id in removed]
-        changes += [VectorChange.of(i, version, model_version, None if deleted else vector)
+        changes += [VectorChange.of(i, version, model_version, None if deleted else vector, stamp[i])
                     for i, version, deleted, vector in again if deleted or vector is not None]
         outcome.replayed = len(again)
         sent = [self.publish_change(tp.partition, change) for change in changes]
@@ -253,6 +255,11 @@ class Indexer:
                                   value=change.model_dump_json().encode(), partition=partition)
 
 
+def source_timestamp_ms(record: ConsumerRecord) -> int | None:
+    """The catalog record's Kafka timestamp (ms since the epoch), or None when it has none."""
+    return record.timestamp if record.timestamp is not None and record.timestamp >= 0 else None
+
+
 def thumbnail(pixels: np.ndarray, max_px: int) -> bytes:
     """A JPEG of at most ``max_px`` on the longest side, from uint8 (H, W, 3) RGB."""
     image = Image.fromarray(pixels)
@@ -312,12 +319,14 @@ def step(indexer: Indexer, consumer: KafkaConsumer) -> Outcome | None:
         metrics.EVENTS.labels("dead_letter").inc(outcome.dead)
         metrics.EVENTS.labels("replayed").inc(outcome.replayed)
         metrics.INDEXER_BATCH_SECONDS.observe(time.perf_counter() - start)
+        metrics.INDEXER_BATCH_EVENTS.observe(len(records))
         log.info("%s@%d: %d records, %d applied, %d stale, %d dead letters, %d replayed, %.2f s",
                  tp.partition, records[0].offset, len(records), outcome.applied, outcome.stale, outcome.dead,
                  outcome.replayed, time.perf_counter() - start)
         total.add(outcome)
     for partition in list(indexer.shards):
         indexer.snapshot(partition)
+    indexer.lag.update(consumer)
     return None if failed else total
 
 
@@ -365,6 +374,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     settings = IndexerSettings()
+    metrics.serve(settings.metrics_host, settings.metrics_port)
     stop = [False]
 
     def _stop(signum, frame):

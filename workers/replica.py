@@ -40,9 +40,11 @@ class Replica:
         self.shards = ShardSet(settings.partitions, dim)
         self.name = f"{socket.gethostname()}:{id(self):x}"
         self.start_offsets: dict[int, int] = {}
-        self.lag: int | None = None
+        self.lag: int | None = None  # changelog records not applied yet, all partitions (None: unknown)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._partition_lag = metrics.PartitionLag(metrics.REPLICA_LAG)
+        self._live: set[int] = set()  # partitions caught up once: their changes count for freshness
 
     def _tp(self, partition: int) -> TopicPartition:
         return TopicPartition(self.settings.vectors_topic, partition)
@@ -106,18 +108,11 @@ class Replica:
         else:
             shard.upsert(ids, change.array()[None, :])
 
-    def report(self, consumer: KafkaConsumer | None) -> None:
-        """Publish this replica's sizes and lag (records behind each partition's high watermark)."""
+    def report(self) -> None:
+        """Publish this replica's sizes and lag to the metrics and to Redis (for readiness)."""
         sizes = self.shards.sizes()
         for shard, size in enumerate(sizes):
             metrics.SHARD_VECTORS.labels(str(shard)).set(size)
-        if consumer is not None:
-            behind = []
-            for partition in range(self.settings.partitions):
-                tp = self._tp(partition)
-                highwater = consumer.highwater(tp)
-                behind.append(None if highwater is None else max(0, highwater - consumer.position(tp)))
-            self.lag = None if None in behind else sum(behind)
         self.store.report_replica(ReplicaStatus(worker=self.name, model_version=self.settings.model_version,
                                                 ntotal=sum(sizes), shard_sizes=sizes, lag=self.lag,
                                                 updated_at=time.time()))
@@ -133,15 +128,22 @@ class Replica:
                 for tp, records in batches.items():
                     for record in records:
                         try:
-                            self.apply(tp.partition, VectorChange.model_validate_json(record.value))
+                            change = VectorChange.model_validate_json(record.value)
+                            self.apply(tp.partition, change)
+                            if tp.partition in self._live and change.source_timestamp_ms is not None:
+                                metrics.REPLICA_FRESHNESS.observe(
+                                    max(0.0, time.time() - change.source_timestamp_ms / 1000))
                         except (ValidationError, ValueError) as exc:  # written by our own indexer: a bug
                             log.error("skipping malformed changelog entry %s@%d: %s", tp, record.offset, exc)
                 for tp in consumer.assignment():
                     highwater = consumer.highwater(tp)
                     if highwater is not None and consumer.position(tp) > highwater:
                         self._log_lost(consumer, tp)  # Tansu answers an empty fetch, not an error
+                lags = self._partition_lag.update(consumer)
+                self._live |= {p for p, lag in lags.items() if lag == 0}
+                self.lag = sum(lags.values()) if len(lags) == self.settings.partitions else None
                 if time.monotonic() - last_report >= self.settings.replica_status_interval_s:
-                    self.report(consumer)
+                    self.report()
                     last_report = time.monotonic()
             except OffsetOutOfRangeError as exc:  # the broker lost the log (Apache Kafka says so)
                 for tp in exc.args[0]:  # {TopicPartition: fetch offset}
@@ -164,6 +166,7 @@ class Replica:
                     "from postgres", tp, tp.partition)
         self.rebuild(tp.partition)
         consumer.seek(tp, 0)
+        self._live.discard(tp.partition)
 
     def _consumer(self) -> KafkaConsumer:
         consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, group_id=None,
@@ -173,4 +176,5 @@ class Replica:
         consumer.assign(partitions)
         for tp in partitions:
             consumer.seek(tp, self.start_offsets.get(tp.partition, 0))
+        self._live.clear()  # a new consumer catches up first: no freshness until then
         return consumer

@@ -67,19 +67,20 @@ class Runtime:
     def search(self, task: SearchTask) -> None:
         """Run one job to ``done`` or ``failed``; never leaves it ``running``."""
         timings: dict[str, float] = {}
-        self.store.running(task.job_id)
+        started = self.store.running(task.job_id)
+        metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, started.updated_at - started.created_at))
         data = self.store.take_upload(task.job_id)
         if data is None:
             self.store.failed(task.job_id, "upload_expired", "the uploaded image expired before a worker took it; "
                               "submit the job again")
-            metrics.JOBS.labels("failed").inc()
+            metrics.JOBS.labels("failed", "upload_expired").inc()
             return
         try:
             with _timed(timings, "decode"):
                 pixels = decode(data, self.settings.max_pixels)
         except ImageRejected as exc:
             self.store.failed(task.job_id, exc.code, exc.message, timings)
-            metrics.JOBS.labels("rejected").inc()
+            metrics.JOBS.labels("rejected", exc.code).inc()
             return
         with _timed(timings, "embed"):
             vector = self.embedder.embed([pixels])
@@ -94,8 +95,9 @@ class Runtime:
         height, width = pixels.shape[:2]
         result = SearchResult(model_version=self.embedder.model_version, box=Box(x=0, y=0, w=width, h=height),
                               products=hits)
-        self.store.done(task.job_id, result, timings)
-        metrics.JOBS.labels("done").inc()
+        done = self.store.done(task.job_id, result, timings)
+        metrics.JOBS.labels("done", "").inc()
+        metrics.STAGE_SECONDS.labels("total").observe(max(0.0, done.updated_at - done.created_at))
 
 
 class _timed:
@@ -128,7 +130,8 @@ def runtime() -> Runtime:
 
 @signals.worker_ready.connect
 def _warm_up(**_) -> None:
-    runtime()
+    rt = runtime()
+    metrics.serve(rt.settings.metrics_host, rt.settings.metrics_port)
 
 
 @signals.worker_shutdown.connect
@@ -158,7 +161,7 @@ def search(self, payload: dict) -> None:
 
 
 def _fail(rt: Runtime, job_id: str, code: str, message: str) -> None:
-    metrics.JOBS.labels("failed").inc()
+    metrics.JOBS.labels("failed", code).inc()
     try:
         rt.store.failed(job_id, code, message)
     except redis.RedisError:

@@ -87,6 +87,25 @@ def test_health_readiness_and_metrics(client):
     assert 'lookalike_http_requests_total{route="/readyz",status="200"}' in metrics
 
 
+def test_metrics_read_the_queue_depth_from_redis_at_scrape_time(client, gsettings):
+    depth = 'lookalike_queue_depth_jobs{queue="vision"}'
+    assert f"{depth} 0.0" in client.get("/metrics").text
+    for _ in range(2):
+        assert client.post("/v1/jobs", files={"image": ("shirt.jpg", jpeg())}).status_code == 202
+    assert f"{depth} 2.0" in client.get("/metrics").text
+    redis.Redis.from_url(gsettings.redis_url).delete(QUEUE_VISION)
+    assert f"{depth} 0.0" in client.get("/metrics").text
+
+
+def test_metrics_leave_the_queue_depth_out_while_redis_is_down(gsettings):
+    dead = GatewaySettings(**{**gsettings.model_dump(), "redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(dead)) as client:
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert "# TYPE lookalike_queue_depth_jobs gauge" in response.text
+    assert "lookalike_queue_depth_jobs{" not in response.text
+
+
 def test_not_ready_when_the_broker_is_unreachable(gsettings):
     dead = GatewaySettings(**{**gsettings.model_dump(), "kafka_bootstrap": "127.0.0.1:1"})
     with TestClient(create_app(dead)) as client:

@@ -1,4 +1,5 @@
-"""docker-compose.yml, ops/Dockerfile and ops/prometheus.yml, checked without a Docker engine.
+"""docker-compose.yml, ops/Dockerfile, ops/prometheus*.yml and Grafana's provisioning, checked
+without a Docker engine.
 
 The YAML is parsed as written (before compose interpolates ``${...}``), so a literal secret
 shows up as itself. ``docker compose config`` (or ``docker-compose config``) runs too where
@@ -22,6 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 PROMETHEUS = ROOT / "ops" / "prometheus.yml"
+PROMETHEUS_LOCAL = ROOT / "ops" / "prometheus.local.yml"
+GRAFANA = ROOT / "ops" / "grafana"
+METRICS_PORT = "9100"  # LOOKALIKE_METRICS_PORT of workers and indexers in compose
 DOCKERFILE = ROOT / "ops" / "Dockerfile"
 
 APP_IMAGE = "lookalike:latest"
@@ -33,7 +37,6 @@ APP_URLS = {  # variable -> the compose service its URL must point at
 # Services without a healthcheck, and why. Every other service must have one.
 NO_HEALTHCHECK = {
     "release": "one-shot: others wait for it to exit 0 (service_completed_successfully)",
-    "indexer": "a Kafka consumer with no HTTP or metrics port to probe yet",
 }
 CONDITIONS = {"service_healthy", "service_completed_successfully", "service_started"}
 SECRET_REF = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:\?[^}]+\}$")  # ${VAR:?message}: required, no default
@@ -98,12 +101,14 @@ COMPOSE_CLI = compose_cli()
 def test_docker_compose_config_accepts_the_file_and_refuses_a_missing_password():
     command = [*COMPOSE_CLI, "-f", str(COMPOSE), "--profile", "gpu", "config", "-q"]
     env = {key: os.environ[key] for key in ("PATH", "HOME", "DOCKER_HOST") if key in os.environ}
-    ok = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT,
-                        env={**env, "POSTGRES_PASSWORD": "compose-test-only"})
+    secrets = {"POSTGRES_PASSWORD": "compose-test-only", "GRAFANA_ADMIN_PASSWORD": "compose-test-only"}
+    ok = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, env={**env, **secrets})
     assert ok.returncode == 0, ok.stderr
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
-    assert refused.returncode != 0
-    assert "set POSTGRES_PASSWORD" in refused.stderr
+    for missing in secrets:
+        others = {key: value for key, value in secrets.items() if key != missing}
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, env={**env, **others})
+        assert refused.returncode != 0
+        assert f"set {missing}" in refused.stderr
 
 
 def test_app_services_share_the_image_and_have_the_three_urls(services):
@@ -154,8 +159,9 @@ def test_no_password_is_written_in_the_file(compose):
         for password in URL_PASSWORD.findall(text):
             assert SECRET_REF.match(password), f"{where} has a password in a URL: {password!r}"
     raw = COMPOSE.read_text()
-    assert "${POSTGRES_PASSWORD:?" in raw
-    assert not re.search(r"POSTGRES_PASSWORD:-", raw), "a default would be a password in the file"
+    for secret in ("POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        assert "${%s:?" % secret in raw
+        assert not re.search(rf"{secret}:-", raw), "a default would be a password in the file"
 
 
 def test_procfile_processes_run_in_compose_with_the_same_commands(services):
@@ -167,7 +173,10 @@ def test_procfile_processes_run_in_compose_with_the_same_commands(services):
     assert set(procfile) == {"release", "web", "worker", "indexer"}
     compose_of = {"worker": ["worker", "worker-gpu"]}
     for process, command in procfile.items():
-        prefix = shlex.split(command)[:4]  # program and module, before host/port/concurrency
+        words = shlex.split(command)
+        while "=" in words[0]:  # VAR=value before the program (the metrics port): compose sets env instead
+            words.pop(0)
+        prefix = words[:4]  # program and module, before host/port/concurrency
         for name in compose_of.get(process, [process]):
             assert name in services, f"Procfile process {process} has no compose service {name}"
             got = services[name]["command"]
@@ -189,14 +198,67 @@ def test_the_default_worker_runs_without_a_gpu_and_worker_gpu_reserves_one(servi
     assert "-Q vision" in cpu["command"] and cpu["command"] == gpu["command"]
 
 
-def test_prometheus_scrapes_the_gateway_in_compose(services):
+def test_prometheus_finds_every_replica_of_every_process_in_compose(services):
     config = yaml.safe_load(PROMETHEUS.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    web = jobs["lookalike-web"]
-    assert web.get("metrics_path", "/metrics") == "/metrics"
-    targets = [t for group in web["static_configs"] for t in group["targets"]]
-    assert targets == ["web:8000"]
-    assert "./ops/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
+    expected = {"lookalike-web": (["web"], "8000"), "lookalike-worker": (["worker", "worker-gpu"], METRICS_PORT),
+                "lookalike-indexer": (["indexer"], METRICS_PORT)}
+    assert set(jobs) == set(expected)
+    for name, (hosts, port) in expected.items():
+        assert jobs[name].get("metrics_path", "/metrics") == "/metrics"
+        (sd,) = jobs[name]["dns_sd_configs"]  # DNS, so that `--scale` gives one target per replica
+        assert sd["names"] == hosts and sd["type"] == "A" and str(sd["port"]) == port, name
+        for host in hosts:
+            env = env_of(services[host])
+            if host != "web":
+                assert env["LOOKALIKE_METRICS_PORT"] == port and env["LOOKALIKE_METRICS_HOST"] == "0.0.0.0", host
+    web = shlex.split(services["web"]["command"])
+    assert web[web.index("--port") + 1] == "8000"
+    assert config["rule_files"] == ["alerts.yml"]
+    volumes = services["prometheus"]["volumes"]
+    assert "./ops/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in volumes
+    assert "./ops/alerts.yml:/etc/prometheus/alerts.yml:ro" in volumes  # beside it: rule_files is relative
+
+
+def test_the_local_prometheus_config_scrapes_honchos_ports():
+    """`honcho start web worker indexer` gives the n-th process PORT 5000 + 100 n; the Procfile
+    hands it to the worker and the indexer as their metrics port."""
+    procfile = dict(line.split(":", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line.strip())
+    for process in ("worker", "indexer"):
+        assert procfile[process].strip().startswith("LOOKALIKE_METRICS_PORT=${PORT:-0} "), process
+    config = yaml.safe_load(PROMETHEUS_LOCAL.read_text())
+    targets = {job["job_name"]: [t for group in job["static_configs"] for t in group["targets"]]
+               for job in config["scrape_configs"]}
+    assert targets == {"lookalike-web": ["127.0.0.1:8000"], "lookalike-worker": ["127.0.0.1:5100"],
+                       "lookalike-indexer": ["127.0.0.1:5200"]}
+    assert config["rule_files"] == ["alerts.yml"]
+    assert "honcho start web worker indexer" in PROMETHEUS_LOCAL.read_text()
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard_for_anonymous_viewers(services):
+    grafana = services["grafana"]
+    env = env_of(grafana)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true" and env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert SECRET_REF.match(env["GF_SECURITY_ADMIN_PASSWORD"])
+    assert grafana["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
+    mounts = {}
+    for volume in grafana["volumes"]:
+        source, target, *_ = volume.split(":")
+        mounts[target] = source
+        if source.startswith("./"):
+            assert (ROOT / source).is_dir(), f"grafana mounts {source}, which is not in the repository"
+    assert mounts["/etc/grafana/provisioning"] == "./ops/grafana/provisioning"
+
+    (source,) = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())["datasources"]
+    url = urlsplit(source["url"])
+    assert source["type"] == "prometheus" and url.hostname == "prometheus"
+    assert f"{url.port}:{url.port}" in services["prometheus"]["ports"]
+    (provider,) = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "lookalike.yml").read_text())["providers"]
+    dashboards = provider["options"]["path"]
+    assert mounts[dashboards] == "./ops/grafana/dashboards"
+    home = env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home.startswith(dashboards + "/") and (GRAFANA / "dashboards" / home.rsplit("/", 1)[1]).is_file()
+    assert "3000:3000" in grafana["ports"]
 
 
 def test_dockerfile_copies_every_package_and_runs_unprivileged():

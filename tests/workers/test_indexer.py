@@ -8,6 +8,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import REGISTRY
 
 from ops import dlq
 from ops.publish import publish, read_catalog
@@ -123,7 +124,8 @@ def test_republishing_the_same_version_changes_nothing(isettings, kafka_clients,
         after = conn.execute(sa.select(products.c.id, products.c.updated_at).where(products.c.id.in_(ids))).all()
     assert sorted(after) == sorted(before)
     # The stored state's changes are published again (a crash may have lost them): the same ones.
-    changes = [VectorChange.model_validate_json(r.value) for r in read_all(isettings, isettings.vectors_topic, 4)]
+    changes = [VectorChange.model_validate_json(r.value).model_copy(update={"source_timestamp_ms": None})
+               for r in read_all(isettings, isettings.vectors_topic, 4)]
     first, again = {}, {}
     for change in changes:
         (again if change.product_id in first else first)[change.product_id] = change
@@ -207,3 +209,32 @@ def test_invalid_events_go_to_the_dead_letter_topic_with_the_reason(isettings, k
     assert (again[-1].partition, again[-1].offset) != (listed[0][1].partition, listed[0][1].offset)
 
 
+
+
+def test_lag_is_reported_per_partition_and_changes_carry_the_source_timestamp(isettings, engine, embedder,
+                                                                              sample_events):
+    isettings = isettings.model_copy(update={"batch_size": 2})  # many small polls: lag shows in between
+    consumer, producer = consumer_for(isettings), topics.producer(isettings.kafka_bootstrap)
+    events = sample_events[24:36]
+    publish(isettings.kafka_bootstrap, isettings.products_topic, events)
+    indexer = Indexer(isettings, engine, producer, embedder)
+
+    def lags() -> dict[int, float | None]:
+        return {p: REGISTRY.get_sample_value("lookalike_indexer_lag_events", {"partition": str(p)})
+                for p in range(isettings.partitions)}
+
+    seen, applied, deadline = [], 0, time.monotonic() + 60
+    while applied < len(events):
+        assert time.monotonic() < deadline, f"{applied}/{len(events)} applied"
+        applied += (step(indexer, consumer) or Outcome()).applied
+        seen.append(sum(lag or 0 for lag in lags().values()))
+    for _ in range(3):  # every partition has had a fetch response by now
+        step(indexer, consumer)
+    consumer.close()
+    producer.close()
+    assert max(seen) > 0
+    assert lags() == {p: 0.0 for p in range(isettings.partitions)}
+
+    published = {int(r.key): r.timestamp for r in read_all(isettings, isettings.products_topic, 4)}
+    changes = [VectorChange.model_validate_json(r.value) for r in read_all(isettings, isettings.vectors_topic, 4)]
+    assert {c.product_id: c.source_timestamp_ms for c in changes} == published
