@@ -9,6 +9,9 @@ Hierarchy::
 
 from __future__ import annotations
 
+import re
+
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -26,3 +29,31 @@ class ApiError(Exception):
 async def handle_api_error(request: Request, exc: ApiError) -> JSONResponse:
     body = ErrorBody(error=ErrorBody.Detail(code=exc.code, message=exc.message, field=exc.field))
     return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status, headers=exc.headers)
+
+
+def from_validation(exc: ValidationError) -> ApiError:
+    """A 422 naming the invalid field (dotted path, e.g. ``filters.year.gte``), with the value.
+
+    Of a union's errors (one per member) it reports the one that went deepest, the member the
+    client most likely meant.
+    """
+    errors = exc.errors(include_url=False)
+    paths = [_field_path(error["loc"]) for error in errors]
+    first = paths[0]
+    candidates = [i for i, path in enumerate(paths) if path[:len(first)] == first]
+    chosen = max(candidates, key=lambda i: (len(errors[i]["loc"]), i))
+    error, path = errors[chosen], paths[chosen]
+    field = ".".join(path) or None
+    top = next((part for part in path if not part.isdigit()), "request")
+    value = repr(error.get("input"))
+    value = value if len(value) <= 80 else value[:77] + "..."
+    message = f"{field + ': ' if field else ''}{error['msg']} (got {value})"
+    return ApiError(422, f"invalid_{top}", message, field)
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """A pydantic error location without the union-member tags (``constrained-str``, ``Category``...)."""
+    return [str(part) for part in loc if isinstance(part, int) or _FIELD_NAME.match(part)]
+
+
+_FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")

@@ -12,6 +12,11 @@ REQUESTS = Counter("lookalike_http_requests_total", "HTTP requests by route temp
 REQUEST_SECONDS = Histogram("lookalike_http_request_seconds", "HTTP request time by route template.", ["route"])
 JOBS_SUBMITTED = Counter("lookalike_jobs_submitted_total", "Search jobs accepted (202).")
 UPLOADS_REJECTED = Counter("lookalike_uploads_rejected_total", "Uploads refused, by reason.", ["code"])
+REQUESTS_REFUSED = Counter("lookalike_requests_refused_total", "Requests refused for load: queue_full (a job "
+                           "while the vision queue is full) or rate_limited (a catalog write past the key's rate).",
+                           ["reason"])
+CATALOG_EVENTS = Counter("lookalike_catalog_events_published_total", "Catalog events the gateway put on Kafka, by op.",
+                         ["op"])
 
 
 class QueueDepth(Collector):

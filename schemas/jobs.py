@@ -5,6 +5,7 @@ Keys (``lookalike:`` prefix):
 - ``job:{id}``     the :class:`schemas.api.JobStatus` as JSON, expires after ``job_ttl_s``.
 - ``upload:{id}``  the uploaded image bytes until a worker takes them, same TTL.
 - ``replicas``     hash ``worker id -> ReplicaStatus JSON``: what each worker can search.
+- ``rate:{who}:{minute}``  requests of one API key (digest prefix) in one minute, expires after 2.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import uuid
 import redis
 from pydantic import BaseModel
 
-from schemas.api import JobError, JobState, JobStatus, SearchResult
+from schemas.api import EmbeddingResult, JobError, JobState, JobStatus, SearchResult
 
 PREFIX = "lookalike:"
 REPLICAS_KEY = PREFIX + "replicas"
@@ -27,6 +28,10 @@ def job_key(job_id: str) -> str:
 
 def upload_key(job_id: str) -> str:
     return f"{PREFIX}upload:{job_id}"
+
+
+def rate_key(who: str, minute: int) -> str:
+    return f"{PREFIX}rate:{who}:{minute}"
 
 
 def new_job_id() -> str:
@@ -51,12 +56,13 @@ class JobStore:
         self.client = client
         self.ttl_s = ttl_s
 
-    def create(self, job_id: str, image: bytes) -> JobStatus:
-        """Store the upload and a ``queued`` status atomically."""
+    def create(self, job_id: str, image: bytes | None) -> JobStatus:
+        """Store the upload (if the job has one) and a ``queued`` status atomically."""
         now = time.time()
         status = JobStatus(job_id=job_id, status=JobState.queued, created_at=now, updated_at=now)
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(upload_key(job_id), image, ex=self.ttl_s)
+            if image is not None:
+                pipe.set(upload_key(job_id), image, ex=self.ttl_s)
             pipe.set(job_key(job_id), status.model_dump_json(), ex=self.ttl_s)
             pipe.execute()
         return status
@@ -80,7 +86,7 @@ class JobStore:
     def running(self, job_id: str) -> JobStatus:
         return self._update(job_id, status=JobState.running)
 
-    def done(self, job_id: str, result: SearchResult, timings: dict[str, float]) -> JobStatus:
+    def done(self, job_id: str, result: SearchResult | EmbeddingResult, timings: dict[str, float]) -> JobStatus:
         status = self._update(job_id, status=JobState.done, result=result, timings=timings)
         self.client.delete(upload_key(job_id))
         return status

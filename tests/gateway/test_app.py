@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -12,7 +13,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from schemas.jobs import job_key, upload_key
+from schemas.jobs import JobStore, ReplicaStatus, job_key, upload_key
 from schemas.settings import GatewaySettings
 from schemas.tasks import QUEUE_VISION
 
@@ -21,18 +22,6 @@ def jpeg(size=(64, 64)) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", size, "navy").save(out, format="JPEG")
     return out.getvalue()
-
-
-@pytest.fixture
-def gsettings(settings) -> GatewaySettings:
-    return GatewaySettings(**{**settings.model_dump(), "max_upload_bytes": 4096})
-
-
-@pytest.fixture
-def client(gsettings):
-    with TestClient(create_app(gsettings)) as client:
-        yield client
-    redis.Redis.from_url(gsettings.redis_url).delete(QUEUE_VISION)  # no worker here: drop what was queued
 
 
 def test_submit_stores_the_upload_and_queues_a_task(client, gsettings):
@@ -72,10 +61,11 @@ def test_bad_uploads_are_refused_naming_the_problem(client, files, data, status,
     assert error["message"]
 
 
-def test_json_body_is_refused_with_how_to_send(client):
-    response = client.post("/v1/jobs", json={"image": "x"})
+def test_other_content_types_are_refused_with_how_to_send(client):
+    response = client.post("/v1/jobs", content=jpeg(), headers={"content-type": "image/jpeg"})
     assert response.status_code == 415
-    assert "multipart/form-data" in response.json()["error"]["message"]
+    message = response.json()["error"]["message"]
+    assert "multipart/form-data" in message and "image_base64" in message and "image_url" in message
 
 
 def test_health_readiness_and_metrics(client):
@@ -83,6 +73,15 @@ def test_health_readiness_and_metrics(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"postgres": "ok", "redis": "ok", "kafka": "ok"}
+    assert isinstance(ready.json()["workers"], list)
+
+
+def test_readiness_says_how_far_behind_each_worker_is(client, gsettings):
+    store = JobStore(redis.Redis.from_url(gsettings.redis_url), gsettings.job_ttl_s)
+    store.report_replica(ReplicaStatus(worker="catching-up", model_version="m", ntotal=40, shard_sizes=[10] * 4,
+                                       lag=12, updated_at=time.time()))
+    workers = {w["worker"]: w for w in client.get("/readyz").json()["workers"]}
+    assert workers["catching-up"]["lag"] == 12 and workers["catching-up"]["vectors"] == 40
     metrics = client.get("/metrics").text
     assert 'lookalike_http_requests_total{route="/readyz",status="200"}' in metrics
 
