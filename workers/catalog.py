@@ -9,6 +9,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
+from schemas.api import TEXT_FILTERS, Category, Filters
 from schemas.events import CatalogEvent
 from schemas.tables import product_vectors, products
 
@@ -134,3 +135,40 @@ def count_vectors(engine: sa.Engine, model_version: str, ids: Iterable[int] | No
         query = query.where(product_vectors.c.product_id.in_(list(ids)))
     with engine.connect() as conn:
         return conn.execute(query).scalar_one()
+
+
+def matching_ids(engine: sa.Engine, filters: Filters | None, category: Category | None) -> np.ndarray | None:
+    """Ids of live products that pass ``filters`` and lie in ``category``.
+
+    Returns:
+        int64 (N,) ascending, or None when neither restricts anything (every product passes).
+    """
+    conditions = []
+    wanted = filters.model_dump(exclude_none=True) if filters else {}
+    for name in TEXT_FILTERS:
+        if name in wanted:
+            value = wanted[name]
+            conditions.append(products.c[name] == value if isinstance(value, str) else products.c[name].in_(value))
+    if filters and filters.year:
+        if filters.year.gte is not None:
+            conditions.append(products.c.year >= filters.year.gte)
+        if filters.year.lte is not None:
+            conditions.append(products.c.year <= filters.year.lte)
+    if category is not None:
+        conditions.append(products.c[category.level] == category.value)
+    if not conditions:
+        return None
+    query = sa.select(products.c.id).where(products.c.deleted.is_(False), *conditions).order_by(products.c.id)
+    with engine.connect() as conn:
+        return np.fromiter(conn.execute(query).scalars(), dtype=np.int64)
+
+
+def fetch_vector(engine: sa.Engine, product_id: int, model_version: str) -> np.ndarray | None:
+    """A live product's stored vector: float32 (D,) L2-normalised, or None if it has none of ``model_version``."""
+    query = (sa.select(product_vectors.c.vector)
+             .join(products, products.c.id == product_vectors.c.product_id)
+             .where(product_vectors.c.product_id == product_id, product_vectors.c.model_version == model_version,
+                    products.c.deleted.is_(False)))
+    with engine.connect() as conn:
+        blob = conn.execute(query).scalar_one_or_none()
+    return None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)

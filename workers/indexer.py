@@ -15,6 +15,7 @@ import io
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,11 @@ from schemas.settings import IndexerSettings
 from workers import catalog, metrics, snapshots
 from workers.decode import decode
 from workers.embed import Embedder
-from workers.errors import ImageRejected, InvalidEvent, InvalidInput
-from workers.shards import Shard
+from workers.segment import Segmenter
+from workers.errors import FetchError, ImageRejected, InvalidEvent, InvalidInput
+from workers.fetch import Fetcher
+from workers.replica import still_in_log
+from workers.shards import IndexPolicy, Shard
 from workers import topics
 
 log = logging.getLogger(__name__)
@@ -72,9 +76,11 @@ class OwnedShard:
         self.last_timestamp_ms = -1  # of the change at next_offset - 1
         self.changes = 0  # since the last snapshot
         self.first_change_at = 0.0
+        self.snapshot_offset: int | None = None  # the snapshot it was taken over from, if any
 
     def apply(self, changes: list[VectorChange], receipts: list) -> None:
-        """Apply published changes; ``receipts`` are their RecordMetadata (offset, timestamp)."""
+        """Apply published changes; ``receipts`` are their RecordMetadata or ConsumerRecords
+        (offset, timestamp), possibly more than ``changes`` (another model version's changes)."""
         for change in changes:
             ids = np.array([change.product_id], dtype=np.int64)
             if change.vector is None:
@@ -93,27 +99,77 @@ class Indexer:
     """Applies catalog events of one partition at a time. Kafka clients and engine are injected."""
 
     def __init__(self, settings: IndexerSettings, engine: sa.Engine, producer: KafkaProducer,
-                 embedder: Embedder) -> None:
+                 embedder: Embedder, fetcher: Fetcher | None = None) -> None:
         self.settings = settings
         self.engine = engine
         self.producer = producer
         self.embedder = embedder
+        self.segmenter = Segmenter(embedder.device) if settings.segment else None
+        self.fetcher = fetcher or Fetcher(settings)
         self.roots = [root.resolve() for root in settings.image_roots]
         self.lag = metrics.PartitionLag(metrics.INDEXER_LAG)
         self.shards: dict[int, OwnedShard] = {}  # the partitions this indexer owns now
 
     def assign(self, partitions: list[int]) -> None:
-        """Take ownership of shards: each is rebuilt from Postgres, the system of record."""
+        """Take ownership of shards (at start, or from an indexer that stopped or left the group):
+        each comes from its newest snapshot plus the changelog after it, else from Postgres."""
+        policy = IndexPolicy.from_settings(self.settings)
         for partition in partitions:
-            chunks = catalog.load_vectors(self.engine, self.embedder.model_version, partition)
-            self.shards[partition] = OwnedShard(Shard.build(self.embedder.dim, chunks))
-            log.info("own shard %d: %d vectors", partition, self.shards[partition].shard.ntotal)
+            owned = self.takeover(partition, policy)
+            if owned is None:
+                chunks = catalog.load_vectors(self.engine, self.embedder.model_version, partition)
+                owned = OwnedShard(Shard.build(self.embedder.dim, chunks, policy))
+                source = "postgres"
+            else:
+                source = f"snapshot at offset {owned.snapshot_offset} + changelog to {owned.next_offset}"
+            self.shards[partition] = owned
+            log.info("own shard %d: %d vectors from %s", partition, owned.shard.ntotal, source)
+
+    def takeover(self, partition: int, policy: IndexPolicy) -> OwnedShard | None:
+        """Shard ``partition`` from its newest snapshot, then every change of ``catalog.vectors``
+        after it up to the high watermark; None if there is no usable snapshot or the changelog
+        cannot be read to its end within ``TAKEOVER_TIMEOUT_S``.
+
+        Complete: the previous owner published every change it wrote before committing its input,
+        and an input it wrote to Postgres but did not commit is replayed to this owner, which
+        publishes the stored state again (``Outcome.replayed``).
+        """
+        settings, model_version = self.settings, self.embedder.model_version
+        snapshot = snapshots.newest(settings.snapshot_dir, model_version, partition)
+        if snapshot is None or not still_in_log(settings.kafka_bootstrap, settings.vectors_topic, snapshot):
+            return None
+        owned = OwnedShard(snapshot.load(policy))
+        owned.snapshot_offset = owned.next_offset = snapshot.offset
+        owned.last_timestamp_ms = snapshot.last_timestamp_ms
+        tp = TopicPartition(settings.vectors_topic, partition)
+        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False,
+                                 auto_offset_reset="none", client_id="lookalike-indexer-takeover")
+        deadline = time.monotonic() + TAKEOVER_TIMEOUT_S
+        try:
+            consumer.assign([tp])
+            consumer.seek(tp, snapshot.offset)
+            while True:
+                records = consumer.poll(timeout_ms=200).get(tp, [])
+                changes = [VectorChange.model_validate_json(r.value) for r in records]
+                owned.apply([c for c in changes if c.model_version == model_version], records)
+                highwater = consumer.highwater(tp)
+                if highwater is not None and consumer.position(tp) >= highwater and not records:
+                    return owned
+                if time.monotonic() > deadline:
+                    log.warning("shard %d: changelog not read to its end in %.0f s", partition, TAKEOVER_TIMEOUT_S)
+                    return None
+        except (KafkaError, ValidationError) as exc:
+            log.warning("shard %d: cannot replay the changelog after the snapshot (%s)", partition, exc)
+            return None
+        finally:
+            consumer.close()
 
     def revoke(self, partitions: list[int]) -> None:
         """Give shards up (rebalance or shutdown), snapshotting what changed first."""
         for partition in partitions:
             self.snapshot(partition, force=True)
-            self.shards.pop(partition, None)
+            if self.shards.pop(partition, None) is not None:
+                log.info("gave up shard %d", partition)
 
     def snapshot(self, partition: int, force: bool = False) -> snapshots.Snapshot | None:
         """Write shard ``partition`` if it changed ``snapshot_every_changes`` times or
@@ -129,6 +185,7 @@ class Indexer:
         written = snapshots.write(directory, self.embedder.model_version, partition, owned.shard,
                                   owned.next_offset, owned.last_timestamp_ms)
         owned.changes = 0
+        metrics.SNAPSHOT_WRITTEN.labels(str(partition)).set(written.written_ms / 1000)
         return written
 
     def process(self, tp: TopicPartition, records: list[ConsumerRecord]) -> Outcome:
@@ -163,16 +220,22 @@ class Indexer:
         outcome.stale += len(latest) - len(fresh) - len(replayed)
 
         images = []
+        fetched = self.fetch_urls([e for e, _ in fresh if e.op == "upsert" and e.image.url is not None])
         for event, record in fresh:
             if event.op != "upsert":
                 continue
             try:
-                images.append((event, decode(self.image_bytes(event), self.settings.max_pixels,
-                                             self.settings.max_image_bytes)))
+                data = fetched[event.product_id] if event.image.url is not None else self.image_bytes(event)
+                if isinstance(data, InvalidInput):
+                    raise data
+                images.append((event, decode(data, self.settings.max_pixels, self.settings.max_image_bytes)))
             except InvalidInput as exc:
                 futures.append(self.dead_letter(record, exc.message))
                 outcome.dead += 1
-        vectors = self.embedder.embed([pixels for _, pixels in images])
+        pixels = [p for _, p in images]
+        if self.segmenter is not None:  # as the worker does for queries (workers.tasks.Runtime.query)
+            pixels = [p for p, _ in self.segmenter.crop_all(pixels)]
+        vectors = self.embedder.embed(pixels)
         upserts = [catalog.Upsert(event, tp.partition, vector, thumbnail(pixels, self.settings.thumbnail_px))
                    for (event, pixels), vector in zip(images, vectors)]
         deletes = [e for e, _ in fresh if e.op == "delete"]
@@ -218,12 +281,32 @@ class Indexer:
             raise InvalidEvent(f"message key {record.key!r} is not the product id {event.product_id}")
         return event
 
+    def fetch_urls(self, events: list[CatalogEvent]) -> dict[int, bytes | FetchError]:
+        """The images of ``events`` given by ``image.url``, fetched ``fetch_concurrency`` at a time
+        through the SSRF guard of :mod:`workers.fetch`.
+
+        Returns:
+            Per product id, the bytes or the :class:`FetchError` (the event is then dead-lettered
+            with it: the host may answer later, and the dead letter keeps the event to replay).
+        """
+        if not events:
+            return {}
+
+        def fetch(event: CatalogEvent) -> bytes | FetchError:
+            try:
+                return self.fetcher.fetch(event.image.url)
+            except FetchError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=min(self.settings.fetch_concurrency, len(events))) as pool:
+            return dict(zip([e.product_id for e in events], pool.map(fetch, events)))
+
     def image_bytes(self, event: CatalogEvent) -> bytes:
-        """The bytes of an upsert's image.
+        """The bytes of an upsert's image given by ``data`` or ``path`` (``url``: :meth:`fetch_urls`).
 
         Raises:
-            ImageRejected: the path is outside LOOKALIKE_IMAGE_ROOTS or unreadable, the data is not
-                base64, or the image is given by URL (fetching is not supported yet).
+            ImageRejected: the path is outside LOOKALIKE_IMAGE_ROOTS or unreadable, or the data is not
+                base64.
         """
         image = event.image
         if image.data is not None:
@@ -240,8 +323,7 @@ class Indexer:
                 return path.read_bytes()
             except OSError as exc:
                 raise ImageRejected(f"image.path {image.path} cannot be read: {exc.strerror}", "unreadable") from None
-        raise ImageRejected(f"image.url {image.url} was given, but this indexer cannot fetch URLs yet; "
-                            "send the bytes in image.data or a path in image.path", "url_unsupported")
+        raise ImageRejected("the image has neither data nor path; URLs are fetched by fetch_urls", "no_image")
 
     def dead_letter(self, record: ConsumerRecord, reason: str):
         log.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
@@ -269,6 +351,11 @@ def thumbnail(pixels: np.ndarray, max_px: int) -> bytes:
     return out.getvalue()
 
 
+TAKEOVER_TIMEOUT_S = 30.0  # longest replay of a taken-over shard's changelog before rebuilding from Postgres
+TOPIC_CHECK_INTERVAL_S = 5.0  # how often the indexer checks that the broker still has the catalog topics
+RECREATED_WATCH_S = 120.0  # how long after recreating the topics an indexer with no partitions rejoins
+
+
 class _Ownership(ConsumerRebalanceListener):
     """Partitions assigned by the group become shards the indexer owns (and revoked ones, not)."""
 
@@ -282,13 +369,13 @@ class _Ownership(ConsumerRebalanceListener):
         self.indexer.assign([tp.partition for tp in assigned])
 
 
-def consumer_for(settings: IndexerSettings, indexer: Indexer | None = None) -> KafkaConsumer:
-    """The group consumer; with ``indexer``, assignments and revocations move its shards."""
+def consumer_for(settings: IndexerSettings, listener: ConsumerRebalanceListener | None = None) -> KafkaConsumer:
+    """The group consumer; with an ``_Ownership`` listener, assignments and revocations move its shards."""
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.group_id, client_id="lookalike-indexer",
         enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=settings.batch_size,
         session_timeout_ms=settings.session_timeout_ms, heartbeat_interval_ms=settings.heartbeat_interval_ms)
-    consumer.subscribe([settings.products_topic], listener=_Ownership(indexer) if indexer else None)
+    consumer.subscribe([settings.products_topic], listener=listener)
     return consumer
 
 
@@ -330,18 +417,44 @@ def step(indexer: Indexer, consumer: KafkaConsumer) -> Outcome | None:
     return None if failed else total
 
 
-TOPIC_CHECK_INTERVAL_S = 5.0
+class TopicWatch:
+    """Recreates the catalog topics when the broker lost them (a memory broker restarted): the
+    group then starts over on the empty log, and shards come back from Postgres on reassignment.
 
+    A group that rebalanced while the topic was missing can be left holding no partitions after
+    the topic is back (seen with Tansu: the sync after the recreation hands this member nothing
+    and no later metadata change triggers another rebalance). So for a while after recreating
+    them, a member with no partitions leaves and rejoins the group, once per session timeout.
+    """
 
-def ensure_topics(consumer: KafkaConsumer, settings: IndexerSettings) -> None:
-    """Recreate the catalog topics if the broker lost them (a memory broker restarted): the group
-    then starts over on the empty log, and shards come back from Postgres on reassignment."""
-    try:
-        if settings.products_topic not in consumer.topics():
-            log.warning("topic %s is missing: creating the catalog topics", settings.products_topic)
-            topics.create_topics(settings)
-    except KafkaError as exc:
-        log.warning("cannot check topics: %s", exc)
+    def __init__(self, consumer: KafkaConsumer, settings: IndexerSettings, listener: ConsumerRebalanceListener
+                 ) -> None:
+        self.consumer, self.settings, self.listener = consumer, settings, listener
+        self.checked_at = 0.0
+        self.recreated_at: float | None = None
+        self.rejoined_at = 0.0
+
+    def check(self) -> None:
+        """At most every TOPIC_CHECK_INTERVAL_S: recreate missing topics, rejoin an empty-handed group."""
+        now = time.monotonic()
+        if now - self.checked_at < TOPIC_CHECK_INTERVAL_S:
+            return
+        self.checked_at = now
+        try:
+            if self.settings.products_topic not in self.consumer.topics():
+                log.warning("topic %s is missing: creating the catalog topics", self.settings.products_topic)
+                topics.create_topics(self.settings)
+                self.recreated_at = now
+        except KafkaError as exc:
+            log.warning("cannot check topics: %s", exc)
+            return
+        watching = self.recreated_at is not None and now - self.recreated_at < RECREATED_WATCH_S
+        session_s = self.settings.session_timeout_ms / 1000
+        if watching and not self.consumer.assignment() and now - self.rejoined_at > session_s:
+            log.warning("no partitions assigned since the topics were recreated: rejoining the group")
+            self.consumer.unsubscribe()
+            self.consumer.subscribe([self.settings.products_topic], listener=self.listener)
+            self.rejoined_at = now
 
 
 def run(settings: IndexerSettings, stop: list[bool]) -> None:
@@ -350,13 +463,13 @@ def run(settings: IndexerSettings, stop: list[bool]) -> None:
     producer = topics.producer(settings.kafka_bootstrap)
     indexer = Indexer(settings, engine, producer, Embedder.from_settings(settings))
     indexer.embedder.load()
-    consumer = consumer_for(settings, indexer)
-    backoff_s, topics_checked = 0.5, 0.0
+    listener = _Ownership(indexer)
+    consumer = consumer_for(settings, listener)
+    watch = TopicWatch(consumer, settings, listener)
+    backoff_s = 0.5
     try:
         while not stop[0]:
-            if time.monotonic() - topics_checked > TOPIC_CHECK_INTERVAL_S:
-                ensure_topics(consumer, settings)
-                topics_checked = time.monotonic()
+            watch.check()
             if step(indexer, consumer) is None:
                 time.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 10.0)
@@ -366,6 +479,7 @@ def run(settings: IndexerSettings, stop: list[bool]) -> None:
         indexer.revoke(list(indexer.shards))
         consumer.close()
         producer.close()
+        indexer.fetcher.close()
         engine.dispose()
 
 

@@ -24,9 +24,29 @@ from schemas.events import VectorChange
 from schemas.jobs import JobStore, ReplicaStatus
 from schemas.settings import WorkerSettings
 from workers import catalog, metrics, snapshots
-from workers.shards import Shard, ShardSet
+from workers.shards import IndexPolicy, Shard, ShardSet
 
 log = logging.getLogger(__name__)
+
+
+def still_in_log(bootstrap: str, vectors_topic: str, snapshot: snapshots.Snapshot) -> bool:
+    """Whether the changelog record before the snapshot's offset is the one it recorded."""
+    if snapshot.offset <= 0:
+        return False  # the changelog was empty: replay it all over Postgres instead
+    tp = TopicPartition(vectors_topic, snapshot.partition)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="none", consumer_timeout_ms=3000)
+    try:
+        consumer.assign([tp])
+        consumer.seek(tp, snapshot.offset - 1)
+        for record in consumer:
+            return record.offset == snapshot.offset - 1 and record.timestamp == snapshot.last_timestamp_ms
+        return False
+    except KafkaError as exc:
+        log.info("snapshot %s not usable (%s)", snapshot.path.name, exc)
+        return False
+    finally:
+        consumer.close()
 
 
 class Replica:
@@ -37,7 +57,8 @@ class Replica:
         self.engine = engine
         self.store = store
         self.dim = dim
-        self.shards = ShardSet(settings.partitions, dim)
+        self.policy = IndexPolicy.from_settings(settings)
+        self.shards = ShardSet(settings.partitions, dim, self.policy)
         self.name = f"{socket.gethostname()}:{id(self):x}"
         self.start_offsets: dict[int, int] = {}
         self.lag: int | None = None  # changelog records not applied yet, all partitions (None: unknown)
@@ -54,7 +75,7 @@ class Replica:
         for partition in range(self.settings.partitions):
             snapshot = snapshots.newest(self.settings.snapshot_dir, self.settings.model_version, partition)
             if snapshot is not None and self._still_in_log(snapshot):
-                self.shards.replace(partition, snapshot.load())
+                self.shards.replace(partition, snapshot.load(self.policy))
                 self.start_offsets[partition] = snapshot.offset
                 source = f"snapshot {snapshot.path.name}"
             else:
@@ -66,25 +87,11 @@ class Replica:
     def rebuild(self, partition: int) -> None:
         """Shard ``partition`` from Postgres; the changelog is then replayed from its beginning."""
         chunks = catalog.load_vectors(self.engine, self.settings.model_version, partition)
-        self.shards.replace(partition, Shard.build(self.dim, chunks))
+        self.shards.replace(partition, Shard.build(self.dim, chunks, self.policy))
         self.start_offsets[partition] = 0
 
     def _still_in_log(self, snapshot: snapshots.Snapshot) -> bool:
-        """Whether the changelog record before the snapshot's offset is the one it recorded."""
-        tp = self._tp(snapshot.partition)
-        consumer = KafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap, enable_auto_commit=False,
-                                 auto_offset_reset="none", consumer_timeout_ms=3000)
-        try:
-            consumer.assign([tp])
-            consumer.seek(tp, snapshot.offset - 1)
-            for record in consumer:
-                return record.offset == snapshot.offset - 1 and record.timestamp == snapshot.last_timestamp_ms
-            return False
-        except KafkaError as exc:
-            log.info("snapshot %s not usable (%s)", snapshot.path.name, exc)
-            return False
-        finally:
-            consumer.close()
+        return still_in_log(self.settings.kafka_bootstrap, self.settings.vectors_topic, snapshot)
 
     def start(self) -> None:
         """Load the shards, then tail the changelog in a daemon thread."""

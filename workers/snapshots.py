@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.shards import Shard
+from workers.shards import IndexPolicy, Shard
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ class Snapshot:
     offset: int
     last_timestamp_ms: int
 
-    def load(self) -> Shard:
-        return Shard.from_bytes(self.path.read_bytes())
+    def load(self, policy: IndexPolicy | None = None) -> Shard:
+        return Shard.from_bytes(self.path.read_bytes(), policy)
 
 
 def _dir(directory: Path, model_version: str, partition: int) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 import time
 import uuid
 
@@ -210,7 +212,6 @@ def test_invalid_events_go_to_the_dead_letter_topic_with_the_reason(isettings, k
 
 
 
-
 def test_lag_is_reported_per_partition_and_changes_carry_the_source_timestamp(isettings, engine, embedder,
                                                                               sample_events):
     isettings = isettings.model_copy(update={"batch_size": 2})  # many small polls: lag shows in between
@@ -238,3 +239,50 @@ def test_lag_is_reported_per_partition_and_changes_carry_the_source_timestamp(is
     published = {int(r.key): r.timestamp for r in read_all(isettings, isettings.products_topic, 4)}
     changes = [VectorChange.model_validate_json(r.value) for r in read_all(isettings, isettings.vectors_topic, 4)]
     assert {c.product_id: c.source_timestamp_ms for c in changes} == published
+
+
+@pytest.fixture
+def image_server(sample_events):
+    """A real HTTP server on 127.0.0.1 serving the sample photos at /<product id>.jpg."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = SAMPLE / "images" / self.path.strip("/")
+            body = path.read_bytes() if path.is_file() else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_image_urls_are_fetched_through_the_ssrf_guard(isettings, kafka_clients, engine, embedder, sample_events,
+                                                        image_server):
+    consumer, producer = kafka_clients
+    by_url = [e.model_copy(update={"image": ImageRef(url=f"{image_server}/{e.product_id - ID_OFFSET}.jpg")})
+              for e in sample_events[40:43]]
+    missing = sample_events[43].model_copy(update={"image": ImageRef(url=f"{image_server}/nothing.jpg")})
+    publish(isettings.kafka_bootstrap, isettings.products_topic, [*by_url, missing])
+    allowing = Indexer(isettings.model_copy(update={"fetch_allow_private": True}), engine, producer, embedder)
+    total = run_until(allowing, consumer, lambda t: t.applied + t.dead == 4)
+    assert (total.applied, total.dead) == (3, 1)
+    with engine.connect() as conn:
+        stored = dict(conn.execute(sa.select(products.c.id, products.c.image_url)
+                                   .where(products.c.id.in_([e.product_id for e in by_url]))).tuples().all())
+    assert stored == {e.product_id: e.image.url for e in by_url}
+    letters = [DeadLetter.model_validate_json(r.value) for r in read_all(isettings, isettings.dlq_topic, 1)]
+    assert "HTTP 404" in letters[-1].reason and letters[-1].key == str(missing.product_id)
+
+    refused = sample_events[44].model_copy(update={"version": 5, "image": by_url[0].image})
+    publish(isettings.kafka_bootstrap, isettings.products_topic, [refused])
+    guarded = Indexer(isettings, engine, producer, embedder)  # LOOKALIKE_FETCH_ALLOW_PRIVATE off
+    assert run_until(guarded, consumer, lambda t: t.dead == 1).dead == 1
+    letters = [DeadLetter.model_validate_json(r.value) for r in read_all(isettings, isettings.dlq_topic, 1)]
+    assert "a loopback address" in letters[-1].reason and "LOOKALIKE_FETCH_ALLOW_PRIVATE" in letters[-1].reason

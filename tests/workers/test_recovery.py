@@ -218,3 +218,64 @@ def test_a_broker_that_lost_everything_is_recovered_from_postgres(env, indexers,
                      timeout_s=180, logs=tmp_path)
         finally:
             replica.stop()
+
+
+def snapshot_ids(settings: IndexerSettings) -> dict[int, set[int]]:
+    """Shard -> ids of its newest snapshot, asserting no id is held twice (ntotal counts every copy)."""
+    found = {}
+    for partition in range(settings.partitions):
+        newest = snapshots.newest(settings.snapshot_dir, settings.model_version, partition)
+        if newest is None:
+            continue
+        shard = newest.load()
+        ids = shard.ids()
+        assert len(ids) == shard.ntotal == len(set(ids.tolist())), f"snapshot of shard {partition} holds duplicates"
+        if len(ids):
+            found[partition] = set(ids.tolist())
+    return found
+
+
+def owned_shards(log: Path) -> list[str]:
+    return [line for line in log.read_text(errors="replace").splitlines() if "own shard" in line]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_two_indexers_share_the_partitions_and_one_takes_over_from_the_other(env, indexers, engine, tmp_path,
+                                                                             stop):
+    isettings = settings_from(env, IndexerSettings)
+    create_topics(isettings)
+    events = sample(120, id_offset=8_200_000 + 1_000 * int(stop))
+    changes = [e.model_copy(update={"version": 2, "title": "Updated"}) for e in events[:15]]
+    changes += [CatalogEvent(op="delete", product_id=e.product_id, version=2) for e in events[15:30]]
+    publish(isettings.kafka_bootstrap, isettings.products_topic, events[:60])
+
+    first = indexers.start()
+    # The second snapshots seldom, so what it applied after its last snapshot is only in the
+    # changelog: killed, the survivor must replay that to take its shards over.
+    indexers.env = {**env, "LOOKALIKE_SNAPSHOT_EVERY_CHANGES": "6", "LOOKALIKE_SNAPSHOT_INTERVAL_S": "600"}
+    second = indexers.start()
+    logs = [tmp_path / "indexer-0.log", tmp_path / "indexer-1.log"]
+    # Both own some shards once the group has rebalanced (Tansu lets the second member in after
+    # about half the session timeout).
+    wait_for("both indexers to own shards", lambda: all(owned_shards(p) for p in logs), logs=tmp_path)
+    wait_for("the first 60 products", lambda: committed_total(isettings) == 60, logs=tmp_path)
+    publish(isettings.kafka_bootstrap, isettings.products_topic, events[60:] + changes[:10])
+    time.sleep(1.0)  # let the second indexer take part of these, mid-stream
+    before = len(owned_shards(logs[0]))
+    second.send_signal(stop)
+    second.wait()
+    publish(isettings.kafka_bootstrap, isettings.products_topic, changes[10:])
+    wait_for("the survivor to consume everything", lambda: committed_total(isettings) == len(events + changes),
+             timeout_s=180, logs=tmp_path)
+    took_over = owned_shards(logs[0])[before:]
+    assert {line.split("own shard ")[1].split(":")[0] for line in took_over} == {"0", "1", "2", "3"}, took_over
+    assert any("snapshot at offset" in line for line in took_over), took_over
+    if stop == signal.SIGKILL:  # "snapshot at offset A + changelog to B" with B > A: changes replayed
+        assert any(int(line.split("changelog to ")[1]) > int(line.split("snapshot at offset ")[1].split()[0])
+                   for line in took_over if "changelog to" in line), took_over
+
+    first.send_signal(signal.SIGTERM)  # it snapshots every shard it owns on the way out
+    assert first.wait(timeout=60) == 0
+    expected = live_ids(engine, isettings.model_version)
+    assert sum(len(v) for v in expected.values()) == 105
+    assert snapshot_ids(isettings) == expected

@@ -47,3 +47,117 @@ def test_fewer_vectors_than_k_pads_with_minus_one():
 def test_wrong_shape_is_refused():
     with pytest.raises(ValueError, match=r"expected \(1, 16\)"):
         Shard(16).upsert(np.array([1]), np.zeros((1, 8), np.float32))
+
+
+def test_filtered_search_is_exact_and_fills_k_when_enough_ids_qualify():
+    rng = np.random.default_rng(3)
+    shards = ShardSet(4, 16)
+    vectors, ids = unit(rng, 400), np.arange(1000, 1400)
+    for shard in range(4):
+        shards.shards[shard].upsert(ids[shard::4], vectors[shard::4])
+    query = unit(rng, 1)
+    allowed = ids[rng.choice(400, 30, replace=False)]  # ~7% of the catalog: a top-k-then-filter would miss
+    excluded = allowed[:5]
+    scores, found = shards.search(query, 20, allowed=allowed, excluded=excluded)
+    admitted = np.setdiff1d(allowed, excluded)
+    sims = (query @ vectors[admitted - 1000].T)[0]
+    expected = admitted[np.argsort(-sims)[:20]]
+    np.testing.assert_array_equal(found[0], expected)
+    np.testing.assert_allclose(scores[0], np.sort(sims)[::-1][:20], rtol=1e-5)
+
+
+def test_excluded_ids_alone_are_skipped_and_replaced():
+    rng = np.random.default_rng(4)
+    shards = ShardSet(2, 16)
+    vectors, ids = unit(rng, 50), np.arange(1, 51)
+    shards.shards[0].upsert(ids[:25], vectors[:25])
+    shards.shards[1].upsert(ids[25:], vectors[25:])
+    _, top = shards.search(vectors[:1], 5)
+    assert top[0, 0] == 1
+    _, without = shards.search(vectors[:1], 5, excluded=top[0, :2])
+    assert list(without[0]) == list(top[0, 2:]) + list(shards.search(vectors[:1], 7)[1][0, 5:])
+
+
+def test_fewer_qualifying_ids_than_k_pads():
+    rng = np.random.default_rng(5)
+    shards = ShardSet(2, 16)
+    shards.shards[0].upsert(np.array([1, 2, 3]), unit(rng, 3))
+    _, found = shards.search(unit(rng, 1), 4, allowed=np.array([2, 3, 99]))
+    assert sorted(found[0, :2]) == [2, 3] and list(found[0, 2:]) == [-1, -1]
+
+
+# --- index type by size: exact up to IndexPolicy.exact_max, IVF-Flat past it -----------------
+
+from workers.shards import IndexPolicy  # noqa: E402
+
+
+def clustered(rng, n, dim, centers):
+    """Unit vectors around unit ``centers`` (like image embeddings: groups of similar products), noise
+    of norm about 1, so a query's nearest neighbour has cosine about 0.54, not a near-duplicate."""
+    x = centers[rng.integers(0, len(centers), n)] + rng.standard_normal((n, dim)).astype(np.float32) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_shard_becomes_ivf_past_the_threshold_and_keeps_upsert_remove_ids_and_snapshots():
+    rng = np.random.default_rng(3)
+    policy = IndexPolicy(exact_max=500, nprobe=4)
+    shard = Shard(16, policy=policy)
+    vectors, ids = unit(rng, 800), np.arange(10_000, 10_800)
+    shard.upsert(ids[:500], vectors[:500])
+    assert shard.kind == "flat"
+    shard.upsert(ids[500:], vectors[500:])
+    assert shard.kind == "ivf" and shard.ntotal == 800
+    assert sorted(shard.ids()) == list(ids)
+    shard.upsert(ids[:10], unit(rng, 10))  # replace: no duplicates
+    assert shard.ntotal == 800 and len(set(shard.ids())) == 800
+    assert shard.remove(ids[10:20]) == 10 and shard.remove(ids[10:20]) == 0
+    assert shard.ntotal == 790 and not set(ids[10:20]) & set(shard.ids())
+    # a vector finds itself (its list is the nearest centroid), and the id is the product id
+    _, found = shard.search(vectors[100:101], 1)
+    assert found[0, 0] == ids[100]
+    again = Shard.from_bytes(shard.to_bytes(), policy)
+    assert again.kind == "ivf" and sorted(again.ids()) == sorted(shard.ids())
+    # filtered: an allowed list is searched exactly over every inverted list
+    allowed = ids[300:340]
+    expected = allowed[np.argsort(-(vectors[:1] @ vectors[300:340].T)[0])[:5]]
+    shards = ShardSet(1, 16, policy)
+    shards.replace(0, again)
+    _, found = shards.search(vectors[:1], 5, allowed=allowed)
+    np.testing.assert_array_equal(found[0], expected)
+    _, found = shards.search(vectors[100:101], 3, excluded=ids[100:101])
+    assert ids[100] not in found[0] and (found[0] >= 0).all()
+    # shrinking below half the threshold makes it exact again
+    assert again.remove(ids[:600]) == 590
+    assert again.kind == "flat" and again.ntotal == 200 and sorted(again.ids()) == list(ids[600:])
+
+
+def test_build_chooses_the_index_type_once_all_vectors_are_in():
+    rng = np.random.default_rng(4)
+    vectors, ids = unit(rng, 300), np.arange(300)
+    chunks = [(None, ids[i:i + 100], vectors[i:i + 100]) for i in range(0, 300, 100)]
+    assert Shard.build(16, chunks, IndexPolicy(exact_max=299)).kind == "ivf"
+    assert Shard.build(16, chunks, IndexPolicy(exact_max=300)).kind == "flat"
+
+
+RECALL_N, RECALL_DIM = 100_000, 1280
+
+
+@pytest.mark.slow
+def test_ivf_recall_at_10_against_exact_on_100k_vectors():
+    """The recall stated in the README: 100k clustered unit vectors of the model's dimension (2,000
+    clusters), default policy (nlist = sqrt(n) = 316, nprobe 32), 200 held-out queries. About 40 s
+    on 2 cores; measured 0.985 (nprobe 8: 0.963, 16: 0.977, 64: 0.988). Uniform random vectors,
+    which have no neighbourhoods at all, would need a far larger nprobe."""
+    rng = np.random.default_rng(5)
+    centers = rng.standard_normal((2000, RECALL_DIM)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    vectors = clustered(rng, RECALL_N, RECALL_DIM, centers)
+    queries = clustered(rng, 200, RECALL_DIM, centers)
+    ids = np.arange(RECALL_N, dtype=np.int64) * 7 + 1
+    shard = Shard.build(RECALL_DIM, [(None, ids, vectors)], IndexPolicy(exact_max=50_000))
+    assert shard.kind == "ivf"
+    _, found = shard.search(queries, 10)
+    exact = ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :10]]
+    recall = np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)])
+    print(f"recall@10 = {recall:.4f}")
+    assert recall >= 0.95

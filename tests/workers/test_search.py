@@ -1,0 +1,231 @@
+"""The worker's search job with options, on real PostgreSQL and Redis and the real model:
+filters, category and exclusions are exact; crop, image URLs and "more like this" work."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from ops.publish import read_catalog
+from schemas.api import Box, Category, Filters, YearRange
+from schemas.jobs import new_job_id
+from schemas.settings import WorkerSettings
+from schemas.tables import products
+from schemas.tasks import EmbedTask, SearchTask
+from tests.conftest import SAMPLE
+from workers import catalog
+from workers.catalog import Upsert
+from workers.decode import decode
+from workers.fetch import Fetcher
+from workers.indexer import thumbnail
+from workers.segment import Segmenter
+from workers.tasks import Runtime
+
+ID_OFFSET = 6_000_000  # apart from the ids of the indexer (9M), recovery (8M), shutdown (7M) and end-to-end tests
+MODEL = "test-search"  # its own model version, so the replica holds only these products
+
+
+@pytest.fixture(scope="module")
+def indexed(engine, embedder):
+    """80 sample products with real embeddings in Postgres; yields ``{id: (event, vector)}``."""
+    events, errors = read_catalog(SAMPLE / "products.csv", SAMPLE / "images", version=1)
+    assert not errors
+    events = [e.model_copy(update={"product_id": e.product_id + ID_OFFSET}) for e in events[::15]]
+    pixels = [decode(e.image.decoded(), 1 << 24) for e in events]
+    vectors = embedder.embed([p for p, _ in Segmenter().crop_all(pixels)])  # as the indexer does
+    with engine.begin() as conn:
+        catalog.write_upserts(conn, [Upsert(e, e.product_id % 4, v, thumbnail(p, 64))
+                                     for e, v, p in zip(events, vectors, pixels)], MODEL)
+    yield {e.product_id: (e, v) for e, v in zip(events, vectors)}
+    with engine.begin() as conn:
+        conn.execute(sa.delete(products).where(products.c.id.in_([e.product_id for e in events])))
+
+
+@pytest.fixture(scope="module")
+def runtime(settings, embedder, indexed):
+    wsettings = WorkerSettings(**{**settings.model_dump(), "model_version": MODEL, "fetch_allow_private": True})
+    rt = Runtime(wsettings)
+    rt.embedder = embedder  # loaded once per session; same weights, tagged MODEL here
+    rt.embedder.model_version, original = MODEL, embedder.model_version
+    rt.fetcher = Fetcher(wsettings)
+    for partition in range(wsettings.partitions):  # from Postgres; these tests need no changelog
+        rt.replica.rebuild(partition)
+    assert rt.replica.shards.ntotal == len(indexed)
+    yield rt
+    rt.embedder.model_version = original
+    rt.fetcher.close()
+    rt.engine.dispose()
+
+
+def run(rt: Runtime, image: bytes | None = None, **options) -> dict:
+    job_id = new_job_id()
+    rt.store.create(job_id, image)
+    rt.search(SearchTask(job_id=job_id, **{"k": 5, **options}))
+    return rt.store.get(job_id).model_dump(mode="json")
+
+
+def photo(product_id: int) -> bytes:
+    return (SAMPLE / "images" / f"{product_id - ID_OFFSET}.jpg").read_bytes()
+
+
+def brute_force(indexed, query: np.ndarray, k: int, keep) -> list[int]:
+    ids = [i for i, (event, _) in indexed.items() if keep(event)]
+    sims = np.array([float(indexed[i][1] @ query) for i in ids])
+    return [ids[j] for j in np.argsort(-sims, kind="stable")[:k]]
+
+
+def test_a_rare_filter_still_fills_k_exactly(runtime, indexed):
+    counts = Counter(e.article_type for e, _ in indexed.values())
+    article, n = next((a, n) for a, n in counts.most_common() if 6 <= n <= 15)  # a few % of the catalog
+    query_id = next(i for i, (e, _) in indexed.items() if e.article_type != article)
+    status = run(runtime, photo(query_id), k=5, filters=Filters(article_type=article))
+    assert status["status"] == "done", status
+    found = [hit["product_id"] for hit in status["result"]["products"]]
+    assert found == brute_force(indexed, indexed[query_id][1], 5, lambda e: e.article_type == article)
+    assert {hit["article_type"] for hit in status["result"]["products"]} == {article}
+
+
+def test_in_filters_year_range_category_and_exclusions_combine(runtime, indexed):
+    query_id = next(iter(indexed))
+    genders = ["Men", "Unisex"]
+    exclude = brute_force(indexed, indexed[query_id][1], 2, lambda e: True)  # the query itself and its nearest
+    filters = Filters(gender=genders, year=YearRange(gte=2011, lte=2013))
+    category = Category(level="master_category", value="Accessories")
+
+    def keep(e):
+        return (e.gender in genders and 2011 <= (e.year or 0) <= 2013 and e.master_category == "Accessories"
+                and e.product_id not in exclude)
+
+    status = run(runtime, photo(query_id), k=8, filters=filters, category=category, exclude_ids=exclude)
+    found = [hit["product_id"] for hit in status["result"]["products"]]
+    expected = brute_force(indexed, indexed[query_id][1], 8, keep)
+    assert len(expected) >= 3, "the sample should have a few products passing this filter"
+    assert found == expected
+
+
+def test_a_crop_is_searched_and_reported(runtime, indexed):
+    query_id = next(iter(indexed))
+    pixels = decode(photo(query_id), 1 << 24)
+    height, width = pixels.shape[:2]
+    box = Box(x=width // 4, y=height // 4, w=width // 2, h=height // 2)
+    whole = run(runtime, photo(query_id))
+    cropped = run(runtime, photo(query_id), crop=box)
+    found = Segmenter().segment([pixels])[0]
+    assert found.confident and (found.box.w, found.box.h) != (width, height)
+    assert whole["result"]["box"] == found.box.model_dump()  # the product found by segmentation
+    assert cropped["status"] == "done" and cropped["result"]["box"] == box.model_dump()
+    assert cropped["result"]["products"][0]["score"] < whole["result"]["products"][0]["score"]
+
+    outside = run(runtime, photo(query_id), crop=Box(x=width - 10, y=0, w=20, h=20))
+    assert outside["status"] == "failed" and outside["error"]["code"] == "crop_outside_image"
+    assert f"{width}x{height} px" in outside["error"]["message"]
+
+
+def test_more_like_this_excludes_the_product(runtime, indexed):
+    product_id = list(indexed)[3]
+    status = run(runtime, product_id=product_id, k=6)
+    assert status["status"] == "done" and status["result"]["box"] is None
+    found = [hit["product_id"] for hit in status["result"]["products"]]
+    assert found == brute_force(indexed, indexed[product_id][1], 6, lambda e: e.product_id != product_id)
+
+    missing = run(runtime, product_id=ID_OFFSET - 1)
+    assert missing["status"] == "failed" and missing["error"]["code"] == "unknown_product"
+
+
+def test_results_carry_the_predicted_categories(runtime, indexed):
+    status = run(runtime, photo(next(iter(indexed))))
+    categories = status["result"]["categories"]
+    assert set(categories) == {"master_category", "sub_category", "article_type"}
+    for top in categories.values():
+        probs = [c["prob"] for c in top]
+        assert len(top) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert status["result"]["category"] is None
+
+
+def test_category_auto_searches_within_the_predicted_category(runtime, indexed):
+    """The shipped heads on real sample photos: the chosen category is the product's own, and every hit is in it."""
+    counts = Counter(e.article_type for e, _ in indexed.values())
+    query_id = next(i for i, (e, _) in indexed.items() if counts[e.article_type] >= 3)
+    event = indexed[query_id][0]
+    status = run(runtime, photo(query_id), k=5, category="auto")
+    chosen = status["result"]["category"]
+    assert chosen is not None and status["result"]["categories"][chosen["level"]][0]["label"] == chosen["value"]
+    assert getattr(event, chosen["level"]) == chosen["value"]
+    found = [hit["product_id"] for hit in status["result"]["products"]]
+    assert found == brute_force(indexed, indexed[query_id][1], 5,
+                                lambda e: getattr(e, chosen["level"]) == chosen["value"])
+
+    runtime.settings.auto_category_min_prob, saved = 1.0, runtime.settings.auto_category_min_prob
+    try:  # nothing is that sure: no restriction
+        unsure = run(runtime, photo(query_id), k=5, category="auto")
+    finally:
+        runtime.settings.auto_category_min_prob = saved
+    assert unsure["result"]["category"] is None
+    assert [h["product_id"] for h in unsure["result"]["products"]] == brute_force(
+        indexed, indexed[query_id][1], 5, lambda e: True)
+
+
+@pytest.fixture
+def photo_server(indexed):
+    """A real HTTP server on 127.0.0.1 serving the sample photos at /<product id>.jpg."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = photo(int(self.path.strip("/").removesuffix(".jpg")))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_an_image_url_is_fetched_by_the_worker(runtime, indexed, photo_server):
+    product_id = list(indexed)[7]
+    status = run(runtime, image_url=f"{photo_server}/{product_id}.jpg")
+    assert status["status"] == "done", status
+    assert status["result"]["products"][0]["product_id"] == product_id
+    assert status["timings"]["fetch"] > 0
+
+
+def test_an_image_url_to_a_private_address_fails_without_the_allow_setting(runtime, indexed, photo_server):
+    product_id = list(indexed)[7]
+    guarded = Fetcher(runtime.settings.model_copy(update={"fetch_allow_private": False}))
+    runtime.fetcher, allowing = guarded, runtime.fetcher
+    try:
+        status = run(runtime, image_url=f"{photo_server}/{product_id}.jpg")
+    finally:
+        runtime.fetcher = allowing
+        guarded.close()
+    assert status["status"] == "failed" and status["error"]["code"] == "url_refused"
+    assert "LOOKALIKE_FETCH_ALLOW_PRIVATE" in status["error"]["message"]
+
+
+def test_an_embedding_job_returns_the_vector_the_catalog_would_store(runtime, indexed):
+    product_id = list(indexed)[5]
+    job_id = new_job_id()
+    runtime.store.create(job_id, photo(product_id))
+    runtime.embed(EmbedTask(job_id=job_id))
+    status = runtime.store.get(job_id)
+    assert status.status == "done", status
+    vector = np.array(status.result.vector, dtype=np.float32)
+    assert status.result.dim == vector.shape[0] == 1280
+    assert abs(np.linalg.norm(vector) - 1) < 1e-5
+    assert float(vector @ indexed[product_id][1]) > 0.9999
+
+    job_id = new_job_id()
+    runtime.store.create(job_id, photo(product_id))
+    runtime.embed(EmbedTask(job_id=job_id, crop=Box(x=0, y=0, w=9999, h=10)))
+    status = runtime.store.get(job_id)
+    assert status.status == "failed" and status.error.code == "crop_outside_image"
