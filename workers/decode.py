@@ -1,41 +1,80 @@
-"""Image bytes -> RGB pixels, refusing what is not a usable photo with a reason a person can act on."""
+"""Image bytes -> RGB pixels, refusing what is not a usable photo with a reason a person can act on.
+
+The format is read from the content, never from a file name or a declared type: a PNG
+named ``photo.jpg`` is decoded as the PNG it is (the gateway and the indexer only have
+the bytes, and a photo whose name lies is still a photo). SVG and PDF are documents,
+not photos, and are refused as ``unsupported_format``.
+
+Reason codes (``ImageRejected.code``):
+
+=====================  ==============================================================
+``empty``              0 bytes
+``too_large``          more bytes than ``max_bytes``
+``not_an_image``       no known image signature (text, HTML, random bytes)
+``unsupported_format`` an image or document format other than ``FORMATS`` (SVG, PDF, ICO...)
+``too_many_pixels``    width x height over ``max_pixels``, read from the header before
+                       decoding (decompression bombs stop here, before any memory is used)
+``too_small``          a side under ``MIN_SIDE_PX``
+``truncated``          the header is fine but the pixel data stops early
+``corrupt``            a header or pixel data that cannot be decoded
+=====================  ==============================================================
+"""
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from workers.errors import ImageRejected
 
 MIN_SIDE_PX = 32
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Signatures of documents that people send instead of photos (checked before Pillow, which
+# does not read them at all and would call them "not an image").
+DOCUMENTS = {b"%PDF-": "PDF", b"<svg": "SVG", b"<?xml": "SVG"}
+# File signatures of FORMATS: a file that starts like one but that Pillow cannot identify has a broken header.
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, ZeroDivisionError)
+
+# Truncated files must fail, not decode to grey: Pillow's default, but a process may change it.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
     """Decode an image file to RGB, EXIF orientation applied, transparency composited over white.
 
+    JPEG (incl. CMYK and progressive), PNG (8/16-bit, grey, palette, alpha), WebP, GIF (the
+    first frame of an animation), BMP and TIFF (the first page). 16-bit and float samples are
+    scaled to 8 bits; alpha is composited over white, like the catalog's studio backgrounds.
+
     Args:
-        data: The file's bytes (JPEG, PNG, WebP, GIF first frame, BMP or TIFF).
+        data: The file's bytes; the format is sniffed from them.
         max_pixels: Largest width x height accepted (decompression-bomb guard, LOOKALIKE_MAX_PIXELS).
         max_bytes: Largest file accepted, or None for no limit.
 
     Returns:
-        uint8 array (H, W, 3), RGB.
+        uint8 array (H, W, 3), RGB, H and W after EXIF rotation.
 
     Raises:
-        ImageRejected: with ``code`` ``empty``, ``too_large``, ``not_an_image``, ``unsupported_format``,
-            ``too_many_pixels``, ``too_small`` or ``corrupt``, and a message naming the value.
+        ImageRejected: ``code`` is one of the reason codes in the module docstring; the message
+            names the value and what to send instead.
     """
     if not data:
         raise ImageRejected("the image is empty (0 bytes); send the photo file's contents", "empty")
     if max_bytes is not None and len(data) > max_bytes:
-        raise ImageRejected(f"the image is {len(data)} bytes, more than the {max_bytes}-byte limit", "too_large")
+        raise ImageRejected(f"the image is {len(data)} bytes, more than the {max_bytes}-byte limit; "
+                            "send a smaller file", "too_large")
+    document = sniff_document(data)
+    if document:
+        raise ImageRejected(f"{document} files are documents, not photos; export the picture as JPEG or PNG "
+                            f"(one of {', '.join(FORMATS)})", "unsupported_format")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
             image = Image.open(io.BytesIO(data))
             if image.format not in FORMATS:
                 raise ImageRejected(
@@ -43,26 +82,61 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.nda
                     "unsupported_format")
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageRejected(
-                    f"the image is {width}x{height} px, more than the {max_pixels}-pixel limit "
-                    "(LOOKALIKE_MAX_PIXELS); send a smaller photo", "too_many_pixels")
+                raise _too_many_pixels(width, height, max_pixels)
             if min(width, height) < MIN_SIDE_PX:
-                raise ImageRejected(
-                    f"the image is {width}x{height} px; both sides must be at least {MIN_SIDE_PX} px", "too_small")
-            image.load()
+                raise ImageRejected(f"the image is {width}x{height} px; both sides must be at least "
+                                    f"{MIN_SIDE_PX} px, send a larger photo", "too_small")
+            image.load()  # the first frame or page only
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
     except UnidentifiedImageError:
+        if data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise ImageRejected("the image's header is corrupt: it starts like an image but its size or format "
+                                "fields cannot be read; re-export or re-save it", "corrupt") from None
         raise ImageRejected("the file is not an image Lookalike can read (unknown format); "
                             f"send one of {', '.join(FORMATS)}", "not_an_image") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(f"the image could not be decoded ({exc}); it may be truncated or corrupt",
-                            "corrupt") from None
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit: raised in open, before our check
+        raise ImageRejected(f"the image declares too many pixels to decode safely ({exc}); "
+                            "send a smaller photo", "too_many_pixels") from None
+    except DECODE_ERRORS as exc:
+        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
+            raise ImageRejected(f"the image file is truncated ({exc}): its data ends early; upload the whole "
+                                "file again", "truncated") from None
+        raise ImageRejected(f"the image could not be decoded ({exc}); the file is corrupt, re-export or "
+                            "re-save it", "corrupt") from None
+
+
+def sniff_document(data: bytes) -> str | None:
+    """``"PDF"`` or ``"SVG"`` when ``data`` starts like one (leading whitespace and a BOM allowed), else None."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
+    for magic, name in DOCUMENTS.items():
+        if head.startswith(magic) and (name != "SVG" or b"<svg" in head):
+            return name
+    return None
+
+
+def _too_many_pixels(width: int, height: int, max_pixels: int) -> ImageRejected:
+    return ImageRejected(f"the image is {width}x{height} px, more than the {max_pixels}-pixel limit "
+                         "(LOOKALIKE_MAX_PIXELS); send a smaller photo", "too_many_pixels")
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _high_depth_to_rgb(image)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
+    """16-bit or 32-bit grey (PNG, TIFF): scale to 0-255 (Pillow's own convert would clip at 255)."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(values.min()), float(values.max())
+        values = (values - low) / max(high - low, 1e-12) * 255.0
+    else:
+        values = values / 257.0  # 65535 -> 255
+    grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)

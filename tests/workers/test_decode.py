@@ -1,13 +1,18 @@
+"""A corpus of good and bad image files, generated here with Pillow, each with its expected outcome."""
+
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from workers.decode import decode
+from workers.decode import MIN_SIDE_PX, decode
 from workers.errors import ImageRejected
 
 MAX_PIXELS = 4096 * 4096
+W, H = 64, 48
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -16,42 +21,158 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     return out.getvalue()
 
 
-def test_jpeg_decodes_to_rgb_uint8():
-    pixels = decode(encode(Image.new("RGB", (64, 48), (200, 10, 10)), "JPEG"), MAX_PIXELS)
-    assert pixels.shape == (48, 64, 3) and pixels.dtype == np.uint8
-    assert abs(int(pixels[0, 0, 0]) - 200) < 5
+def photo(mode: str = "RGB", size: tuple[int, int] = (W, H)) -> Image.Image:
+    """Red left half, blue right half: survives JPEG, tells left from right after rotation."""
+    image = Image.new("RGB", size, (204, 0, 0))
+    image.paste((0, 0, 204), (size[0] // 2, 0, size[0], size[1]))
+    return image.convert(mode)
 
 
-def test_transparent_png_is_composited_over_white():
-    pixels = decode(encode(Image.new("RGBA", (40, 40), (0, 0, 0, 0)), "PNG"), MAX_PIXELS)
-    assert (pixels == 255).all()
-
-
-def test_exif_orientation_is_applied():
-    image = Image.new("RGB", (80, 40))
+def with_orientation(orientation: int) -> bytes:
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise on display
-    assert decode(encode(image, "JPEG", exif=exif), MAX_PIXELS).shape == (80, 40, 3)
+    exif[0x0112] = orientation
+    return encode(photo(), "JPEG", exif=exif)
 
 
-@pytest.mark.parametrize("data, code", [
-    (b"", "empty"),
-    (b"hello, this is text", "not_an_image"),
-    (b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>', "not_an_image"),
-    (encode(Image.new("RGB", (64, 64), "red"), "JPEG")[:200], "corrupt"),
-    (encode(Image.new("RGB", (20, 64)), "PNG"), "too_small"),
-    (encode(Image.new("RGB", (64, 64)), "ICO"), "unsupported_format"),
-])
-def test_bad_files_are_refused_with_a_reason(data, code):
+def png_16bit_grey() -> bytes:
+    values = np.full((H, W), 40000, dtype=np.uint16)
+    return encode(Image.fromarray(values), "PNG")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG signature and IHDR declaring width x height, then one tiny IDAT: a bomb's header."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def animated_gif() -> bytes:
+    frames = [photo("P"), Image.new("RGB", (W, H), (0, 204, 0)).convert("P")]
+    return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+def palette_png_transparent() -> bytes:
+    image = photo("P")
+    image.info["transparency"] = image.getpixel((0, 0))  # the red half becomes transparent
+    return encode(image, "PNG", transparency=image.getpixel((0, 0)))
+
+
+def corrupt_header_jpeg() -> bytes:
+    data = bytearray(encode(photo(), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = b"\x00\x00\x00\x00"  # height and width 0
+    return bytes(data)
+
+
+def garbled_png_data() -> bytes:
+    data = bytearray(encode(photo(), "PNG"))
+    start = data.index(b"IDAT") + 4
+    data[start:start + 20] = b"\xde\xad\xbe\xef" * 5  # zlib stream garbage, CRC now wrong too
+    return bytes(data)
+
+
+def bmp_bad_bit_depth() -> bytes:
+    data = bytearray(encode(photo(), "BMP"))
+    data[28:30] = struct.pack("<H", 7)  # bits per pixel: 7 does not exist
+    return bytes(data)
+
+
+GOOD = {
+    # name: (bytes, expected (height, width), pixel (y, x) -> expected RGB, or None)
+    "jpeg": (encode(photo(), "JPEG"), (H, W), ((10, 5), (204, 0, 0))),
+    "jpeg_progressive": (encode(photo(), "JPEG", progressive=True), (H, W), ((10, 5), (204, 0, 0))),
+    "jpeg_grey": (encode(photo("L"), "JPEG"), (H, W), None),
+    "jpeg_cmyk": (encode(photo("CMYK"), "JPEG"), (H, W), ((10, 5), (204, 0, 0))),
+    "jpeg_exif_rotate_90": (with_orientation(6), (W, H), ((5, 10), (204, 0, 0))),  # left half is now on top
+    "jpeg_exif_rotate_180": (with_orientation(3), (H, W), ((10, 5), (0, 0, 204))),
+    "jpeg_exif_mirror": (with_orientation(2), (H, W), ((10, 5), (0, 0, 204))),
+    "jpeg_trailing_garbage": (encode(photo(), "JPEG") + b"\0garbage after EOI", (H, W), ((10, 5), (204, 0, 0))),
+    "png_rgb": (encode(photo(), "PNG"), (H, W), ((10, 5), (204, 0, 0))),
+    "png_rgba_transparent_is_white": (encode(Image.new("RGBA", (W, H), (0, 0, 0, 0)), "PNG"), (H, W),
+                                      ((10, 5), (255, 255, 255))),
+    "png_rgba_half_alpha": (encode(Image.new("RGBA", (W, H), (0, 0, 0, 128)), "PNG"), (H, W),
+                            ((10, 5), (127, 127, 127))),
+    "png_grey": (encode(photo("L"), "PNG"), (H, W), None),
+    "png_grey_alpha": (encode(photo("LA"), "PNG"), (H, W), None),
+    "png_palette": (encode(photo("P"), "PNG"), (H, W), ((10, 5), (204, 0, 0))),
+    "png_palette_transparent": (palette_png_transparent(), (H, W), ((10, 5), (255, 255, 255))),
+    "png_1bit": (encode(photo("1"), "PNG"), (H, W), None),
+    "png_16bit_grey": (png_16bit_grey(), (H, W), ((10, 5), (156, 156, 156))),
+    "webp_lossy": (encode(photo(), "WEBP", quality=90), (H, W), ((10, 5), (204, 0, 0))),
+    "webp_lossless_alpha": (encode(Image.new("RGBA", (W, H), (0, 0, 0, 0)), "WEBP", lossless=True), (H, W),
+                            ((10, 5), (255, 255, 255))),
+    "gif": (encode(photo("P"), "GIF"), (H, W), ((10, 5), (204, 0, 0))),
+    "gif_animated_first_frame": (animated_gif(), (H, W), ((10, 5), (204, 0, 0))),
+    "bmp": (encode(photo(), "BMP"), (H, W), ((10, 5), (204, 0, 0))),
+    "tiff": (encode(photo(), "TIFF"), (H, W), ((10, 5), (204, 0, 0))),
+    "tiff_lzw": (encode(photo(), "TIFF", compression="tiff_lzw"), (H, W), ((10, 5), (204, 0, 0))),
+    "tiff_cmyk": (encode(photo("CMYK"), "TIFF"), (H, W), ((10, 5), (204, 0, 0))),
+    "smallest_accepted": (encode(photo(size=(MIN_SIDE_PX, MIN_SIDE_PX)), "PNG"), (MIN_SIDE_PX, MIN_SIDE_PX), None),
+    # The extension is not ours to see: content decides, so a PNG "named" .jpg is a PNG.
+    "png_bytes_named_jpg": (encode(photo(), "PNG"), (H, W), ((10, 5), (204, 0, 0))),
+}
+
+BAD = {
+    # name: (bytes, code, words the message must contain)
+    "zero_bytes": (b"", "empty", "0 bytes"),
+    "text": (b"hello, this is text", "not_an_image", "not an image"),
+    "html": (b"<!doctype html><html><body>404</body></html>", "not_an_image", "not an image"),
+    "random_bytes": (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not_an_image",
+                     "not an image"),
+    "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>', "unsupported_format", "SVG"),
+    "svg_with_xml_prolog": (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported_format",
+                            "SVG"),
+    "pdf": (b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF", "unsupported_format", "PDF"),
+    "ico": (encode(photo(size=(64, 64)), "ICO"), "unsupported_format", "ICO"),
+    "jpeg_truncated_in_data": (encode(photo(size=(256, 256)), "JPEG")[:-400], "truncated", "truncated"),
+    "jpeg_header_only": (encode(photo(), "JPEG")[:200], "truncated", "truncated"),
+    "png_truncated": (encode(photo(), "PNG")[:-30], "truncated", "truncated"),
+    "jpeg_corrupt_header": (corrupt_header_jpeg(), "corrupt", "corrupt"),
+    "png_corrupt_data": (garbled_png_data(), "corrupt", "corrupt"),
+    "png_bomb_header": (png_header_only(100_000, 100_000), "too_many_pixels", "10000000000 pixels"),
+    "png_bomb_within_pillow_limit": (png_header_only(10_000, 10_000), "too_many_pixels", "10000x10000"),
+    "bmp_bad_bit_depth": (bmp_bad_bit_depth(), "corrupt", "corrupt"),
+    "too_small_width": (encode(photo(size=(20, 64)), "PNG"), "too_small", "20x64"),
+    "too_small_both": (encode(photo(size=(16, 16)), "JPEG"), "too_small", "16x16"),
+    "one_pixel_gif": (encode(photo("P", size=(1, 1)), "GIF"), "too_small", "1x1"),
+}
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_good_files_decode_to_rgb(name):
+    data, shape, probe = GOOD[name]
+    pixels = decode(data, MAX_PIXELS)
+    assert pixels.dtype == np.uint8 and pixels.shape == (*shape, 3)
+    if probe is not None:
+        (y, x), rgb = probe
+        assert np.abs(pixels[y, x].astype(int) - rgb).max() <= 12, pixels[y, x]
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_files_are_refused_with_a_reason(name):
+    data, code, words = BAD[name]
     with pytest.raises(ImageRejected) as caught:
         decode(data, MAX_PIXELS)
-    assert caught.value.code == code
-    assert caught.value.message
+    assert caught.value.code == code, caught.value.message
+    assert words in caught.value.message
+
+
+def test_the_corpus_has_at_least_30_kinds():
+    assert len(GOOD) + len(BAD) >= 30
 
 
 def test_pixel_and_byte_limits_name_the_values():
     data = encode(Image.new("RGB", (300, 200)), "PNG")
-    with pytest.raises(ImageRejected, match="300x200 px, more than the 10000-pixel limit"):
+    with pytest.raises(ImageRejected, match="300x200 px, more than the 10000-pixel limit") as caught:
         decode(data, 10_000)
-    with pytest.raises(ImageRejected, match=f"{len(data)} bytes, more than the 100-byte limit"):
+    assert caught.value.code == "too_many_pixels"
+    with pytest.raises(ImageRejected, match=f"{len(data)} bytes, more than the 100-byte limit") as caught:
         decode(data, MAX_PIXELS, max_bytes=100)
+    assert caught.value.code == "too_large"
+
+
+def test_pixel_limit_counts_pixels_after_rotation_the_same():
+    with pytest.raises(ImageRejected) as caught:
+        decode(with_orientation(6), W * H - 1)
+    assert caught.value.code == "too_many_pixels"

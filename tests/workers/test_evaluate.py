@@ -1,0 +1,66 @@
+"""``lookalike eval`` on a small slice of the bundled sample."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from ops.cli import app
+from tests.conftest import SAMPLE
+from workers import evaluate as evaluate_module
+from workers.evaluate import evaluate, photos
+
+KEYS = {"precision_at_k", "exact_recall_at_1", "exact_recall_at_k", "category_accuracy", "images_per_s", "n_queries"}
+
+
+@pytest.fixture(scope="module")
+def sample_slice(tmp_path_factory):
+    """40 catalog photos; 10 queries: 5 of them catalog photos, 5 sample queries (not in the catalog)."""
+    root = tmp_path_factory.mktemp("eval")
+    (root / "catalog").mkdir()
+    (root / "queries").mkdir()
+    catalog = photos(SAMPLE / "images")[::30][:40]
+    for p in catalog:
+        shutil.copy(p, root / "catalog")
+    for p in catalog[:5] + photos(SAMPLE / "queries")[:5]:
+        shutil.copy(p, root / "queries")
+    lines = (SAMPLE / "products.csv").read_text().splitlines()
+    lines += (SAMPLE / "queries.csv").read_text().splitlines()[1:]
+    (root / "styles.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_eval_scores_retrieval_and_categories(sample_slice, embedder):
+    result = evaluate(sample_slice / "catalog", sample_slice / "styles.csv", sample_slice / "queries", k=3,
+                      embedder=embedder)
+    assert KEYS <= set(result)
+    assert (result["n_queries"], result["n_catalog"], result["k"]) == (10, 40, 3)
+    assert result["exact_recall_at_1"] == result["exact_recall_at_k"] == 1.0  # the same photo is its own 1-NN
+    assert set(result["precision_at_k"]) == set(result["category_accuracy"]) == {
+        "master_category", "sub_category", "article_type"}
+    assert result["precision_at_k"]["master_category"] >= 0.6
+    assert result["category_accuracy"]["master_category"] >= 0.9
+    assert result["images_per_s"] > 0
+
+
+def test_eval_json_prints_one_object(sample_slice, monkeypatch):
+    seen = {}
+
+    def fake(catalog_images, styles, queries, k, heads=None, catalog_cache=None):
+        seen.update(catalog=catalog_images, k=k)
+        return {"precision_at_k": {"article_type": 0.5}, "exact_recall_at_1": None, "exact_recall_at_k": None,
+                "category_accuracy": {"article_type": 0.9}, "images_per_s": 12.0, "n_queries": 10,
+                "n_catalog": 40, "k": k}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake)
+    result = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
+                                      str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries"),
+                                      "--k", "7", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["n_queries"] == 10 and seen["k"] == 7
+    table = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
+                                     str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries")])
+    assert table.exit_code == 0 and "precision@5" in table.output and "n/a" in table.output

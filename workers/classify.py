@@ -1,0 +1,138 @@
+"""Category prediction: small softmax heads on the backbone's features, trained on the catalog.
+
+One head per level of the catalog's taxonomy (``master_category``, ``sub_category``,
+``article_type``), on the float32 (N, 1280) L2-normalised features of
+:class:`workers.embed.Embedder`. The heads were trained by :mod:`workers.train` on
+Fashion Product Images (Kaggle, Param Aggarwal; ``styles.csv`` labels); a trained default
+ships in ``workers/models/``. A directory of heads holds ``heads.safetensors`` (weights),
+``labels.json`` (``{level: [label, ...]}``, the row order of each head), ``config.json``
+(architecture, backbone) and ``metrics.json`` (validation accuracy).
+
+Rare classes were folded into the label :data:`OTHER` at training time; :func:`auto_category`
+never restricts a search to it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LEVELS = ("master_category", "sub_category", "article_type")
+OTHER = "other"
+DEFAULT_DIR = Path(__file__).resolve().parent / "models" / "heads-v1"
+TOP = 3
+
+
+class HeadsNet(torch.nn.Module):
+    """float32 (N, dim) features -> ``{level: logits (N, classes)}``.
+
+    With ``hidden`` > 0, a shared ``Linear -> GELU -> Dropout`` layer precedes one linear layer
+    per level; with ``hidden`` == 0 each level is a linear (multinomial logistic) head. Inputs are
+    scaled by ``sqrt(dim)`` first, so that unit-norm features have elements of about unit variance.
+    """
+
+    def __init__(self, dim: int, classes: dict[str, int], hidden: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.trunk = (torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout))
+                      if hidden else torch.nn.Identity())
+        self.heads = torch.nn.ModuleDict({level: torch.nn.Linear(hidden or dim, n) for level, n in classes.items()})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x * self.scale)
+        return {level: head(h) for level, head in self.heads.items()}
+
+
+class CategoryHeads:
+    """Predicts catalog categories from embeddings. ``load()`` is idempotent and thread-safe;
+    ``predict()`` calls it.
+
+    Args:
+        directory: A directory written by :func:`workers.train.train` (default: the shipped heads).
+    """
+
+    def __init__(self, directory: Path | str = DEFAULT_DIR) -> None:
+        self.directory = Path(directory)
+        self.labels: dict[str, list[str]] = {}
+        self.config: dict = {}
+        self._net: HeadsNet | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        """The heads' name, e.g. ``heads-v1`` (the directory's name)."""
+        return self.directory.name
+
+    def load(self) -> None:
+        """Read weights and label maps (once)."""
+        with self._lock:
+            if self._net is not None:
+                return
+            from safetensors.torch import load_file
+
+            self.labels = json.loads((self.directory / "labels.json").read_text())
+            self.config = json.loads((self.directory / "config.json").read_text())
+            net = HeadsNet(self.config["dim"], {level: len(names) for level, names in self.labels.items()},
+                           self.config.get("hidden", 0))
+            state = {name: tensor.float() for name, tensor in load_file(self.directory / "heads.safetensors").items()}
+            net.load_state_dict(state)
+            self._net = net.eval()
+
+    def probabilities(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Softmax probabilities per level.
+
+        Args:
+            features: float32 (N, 1280), L2-normalised, from :class:`workers.embed.Embedder`.
+
+        Returns:
+            ``{level: float32 (N, classes)}``, columns in the order of ``self.labels[level]``.
+        """
+        self.load()
+        with torch.inference_mode():
+            logits = self._net(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
+        return {level: torch.softmax(z, dim=1).numpy() for level, z in logits.items()}
+
+    def predict(self, features: np.ndarray, top: int = TOP) -> list[dict[str, list[tuple[str, float]]]]:
+        """The ``top`` most likely labels per level, per image.
+
+        Args:
+            features: float32 (N, 1280), L2-normalised.
+            top: Labels per level.
+
+        Returns:
+            N dicts ``{level: [(label, probability), ...]}``, most likely first; probabilities in [0, 1].
+        """
+        probs = self.probabilities(features)
+        out: list[dict[str, list[tuple[str, float]]]] = [{} for _ in range(len(features))]
+        for level, p in probs.items():
+            order = np.argsort(-p, axis=1, kind="stable")[:, :top]
+            names = self.labels[level]
+            for row, (ranks, values) in enumerate(zip(order, p)):
+                out[row][level] = [(names[j], float(values[j])) for j in ranks]
+        return out
+
+
+def auto_category(prediction: dict[str, list[tuple[str, float]]], min_prob: float) -> tuple[str, str] | None:
+    """The category a ``category: "auto"`` search is restricted to.
+
+    The rule: the most specific level (``article_type``, then ``sub_category``, then
+    ``master_category``) whose top label is not :data:`OTHER` and has probability at least
+    ``min_prob``; None (search everything) when no level is that sure.
+
+    Args:
+        prediction: One image's output of :meth:`CategoryHeads.predict`.
+        min_prob: Threshold in [0, 1].
+
+    Returns:
+        ``(level, label)`` or None.
+    """
+    for level in reversed(LEVELS):
+        if prediction.get(level):
+            label, prob = prediction[level][0]
+            if label != OTHER and prob >= min_prob:
+                return level, label
+    return None

@@ -1,0 +1,110 @@
+"""Retrieval and category quality on a user's own catalog (``lookalike eval``).
+
+The catalog photos go into an in-memory exact inner-product index (``faiss.IndexFlatIP``, id =
+file stem); every query photo goes through the worker's pipeline (decode -> embed -> classify)
+and is searched in it. Labels come from a ``styles.csv``-like file (``id`` plus the
+``masterCategory``, ``subCategory``, ``articleType`` columns).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from workers.classify import LEVELS, CategoryHeads
+from workers.decode import decode
+from workers.embed import Embedder
+from workers.train import MAX_PIXELS, load_cache, read_styles
+
+SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def photos(directory: Path) -> list[Path]:
+    """Image files of ``directory`` whose stem is a product id, sorted by id."""
+    return sorted((p for p in directory.iterdir() if p.suffix.lower() in SUFFIXES and p.stem.isdigit()),
+                  key=lambda p: int(p.stem))
+
+
+def pipeline(paths: list[Path], embedder: Embedder, heads: CategoryHeads | None,
+             threads: int = 2, chunk: int = 256) -> tuple[np.ndarray, list[dict]]:
+    """Decode (in a thread pool, ``chunk`` photos at a time), embed and classify, as the worker does.
+
+    Returns:
+        float32 (N, 1280) L2-normalised vectors, and per photo ``{level: [(label, prob), ...]}``
+        (empty dicts without heads).
+    """
+    vectors, predicted = [np.zeros((0, embedder.dim), np.float32)], []
+    with ThreadPoolExecutor(threads) as pool:
+        for n in range(0, len(paths), chunk):
+            part = paths[n:n + chunk]
+            v = embedder.embed(list(pool.map(lambda p: decode(p.read_bytes(), MAX_PIXELS), part)))
+            vectors.append(v)
+            predicted += heads.predict(v) if heads is not None else [{} for _ in part]
+    return np.concatenate(vectors), predicted
+
+
+def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
+             embedder: Embedder | None = None, heads: CategoryHeads | None = None,
+             catalog_cache: Path | None = None) -> dict:
+    """Search every query photo in the catalog's photos and score the results against the labels.
+
+    Args:
+        catalog_images, queries: Directories of ``<id>.<jpg|jpeg|png|webp>``.
+        styles_csv: Labels of the catalog and the queries.
+        k: Results per query.
+        embedder: Default: EfficientNet-Lite0 on CPU/CUDA (``auto``). heads: Default: the shipped heads.
+        catalog_cache: Take the catalog's features from there where present (a folder of ``lookalike train
+            --cache``, :func:`workers.train.extract_features`); the queries always run the whole pipeline.
+
+    Returns:
+        ``precision_at_k``: ``{level: mean fraction of the top k with the query's label}``;
+        ``exact_recall_at_1`` / ``exact_recall_at_k``: fraction of queries whose id is in the catalog
+        found first / in the top k (None when no query id is in the catalog);
+        ``category_accuracy``: ``{level: top-1 accuracy of the heads}``; ``images_per_s``: query photos
+        through decode + embed + classify per second of wall time; ``n_queries``, ``n_catalog``, ``k``.
+    """
+    import faiss
+
+    embedder = embedder or Embedder("eval", "auto")
+    heads = heads or CategoryHeads()
+    labels = read_styles(styles_csv)
+    catalog_paths = [p for p in photos(catalog_images) if int(p.stem) in labels]
+    query_paths = [p for p in photos(queries) if int(p.stem) in labels]
+    catalog_ids = np.array([int(p.stem) for p in catalog_paths], dtype=np.int64)
+    query_ids = [int(p.stem) for p in query_paths]
+    index = faiss.IndexIDMap(faiss.IndexFlatIP(embedder.dim))
+    cached_ids, cached = load_cache(catalog_cache) if catalog_cache else (np.zeros(0, np.int64), None)
+    keep = np.isin(cached_ids, catalog_ids)
+    if keep.any():
+        index.add_with_ids(cached[keep], cached_ids[keep])
+    have = set(cached_ids[keep].tolist())
+    missing = [p for p, i in zip(catalog_paths, catalog_ids) if i not in have]
+    if missing:
+        index.add_with_ids(pipeline(missing, embedder, None)[0], np.array([int(p.stem) for p in missing]))
+    heads.load()
+    embedder.load()
+    start = time.perf_counter()
+    vectors, predicted = pipeline(query_paths, embedder, heads)
+    images_per_s = len(query_paths) / max(time.perf_counter() - start, 1e-9)
+    _, found = index.search(vectors, k)
+
+    precision, correct = {}, {}
+    for level in LEVELS:
+        hits = [np.mean([labels.get(int(i), {}).get(level) == labels[q].get(level) for i in row])
+                for q, row in zip(query_ids, found) if labels[q].get(level)]
+        precision[level] = round(float(np.mean(hits)), 4) if hits else None
+        right = [p[level][0][0] == labels[q][level] for q, p in zip(query_ids, predicted)
+                 if labels[q].get(level) and level in p]
+        correct[level] = round(float(np.mean(right)), 4) if right else None
+    in_catalog = set(catalog_ids.tolist())
+    exact = [row for q, row in zip(query_ids, found) if q in in_catalog]
+    exact_at_1 = [row[0] == q for q, row in zip(query_ids, found) if q in in_catalog]
+    exact_at_k = [q in row for q, row in zip(query_ids, found) if q in in_catalog]
+    return {"precision_at_k": precision,
+            "exact_recall_at_1": round(float(np.mean(exact_at_1)), 4) if exact else None,
+            "exact_recall_at_k": round(float(np.mean(exact_at_k)), 4) if exact else None,
+            "category_accuracy": correct, "images_per_s": round(images_per_s, 1),
+            "n_queries": len(query_ids), "n_catalog": len(catalog_ids), "k": k}
