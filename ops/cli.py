@@ -41,9 +41,9 @@ def running_system(state_dir: Path, processes: list[str]) -> Iterator[dict[str, 
         for name, url in stack.urls.items():
             how = "started" if name in stack.started else "configured"
             console.print(f"[bold]{name}[/] {how}: {url}")
-        env = {**os.environ, **stack.environ(),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         os.environ.update(stack.environ())
+        os.environ.setdefault("LOOKALIKE_SNAPSHOT_DIR", str(stack.state_dir / "snapshots"))
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         console.print("release: migrations and topics")
         release(Settings())
         honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "start", "-f", str(ROOT / "Procfile"),
@@ -76,9 +76,10 @@ def wait_ready(url: str, timeout_s: float = 180) -> None:
     raise typer.Exit(_fail(f"the gateway at {url} was not ready within {timeout_s:.0f} s: {last}"))
 
 
-def wait_searchable(product_ids: list[int], timeout_s: float = 600) -> None:
+def wait_searchable(product_ids: list[int], stall_timeout_s: float = 180) -> None:
     """Show progress until every product has a vector in Postgres and every live worker's replica
-    holds every live vector."""
+    holds every live vector; give up only after ``stall_timeout_s`` seconds without progress (a
+    slow machine just takes longer; a stuck indexer or a dead-lettered catalog does not move)."""
     import redis
     import sqlalchemy as sa
 
@@ -89,25 +90,27 @@ def wait_searchable(product_ids: list[int], timeout_s: float = 600) -> None:
     settings = WorkerSettings()
     engine = sa.create_engine(settings.database_url)
     store = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
-    deadline = time.monotonic() + timeout_s
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    done, moved_at = None, time.monotonic()
     try:
         with Progress(*columns, console=console) as progress:
             bar = progress.add_task("searchable on every worker", total=len(product_ids))
-            while time.monotonic() < deadline:
+            while time.monotonic() - moved_at < stall_timeout_s:
                 stored = catalog.count_vectors(engine, settings.model_version, product_ids)
                 live = catalog.count_vectors(engine, settings.model_version)
                 replicas = store.replicas()
                 behind = max((live - r.ntotal for r in replicas), default=live)
-                progress.update(bar, completed=max(0, min(stored, len(product_ids) - behind)),
-                                description=f"searchable on {len(replicas)} worker(s)")
+                searchable = max(0, min(stored, len(product_ids) - behind))
+                progress.update(bar, completed=searchable, description=f"searchable on {len(replicas)} worker(s)")
                 if stored == len(product_ids) and replicas and behind <= 0:
                     return
+                if (stored, searchable) != done:
+                    done, moved_at = (stored, searchable), time.monotonic()
                 time.sleep(0.25)
     finally:
         engine.dispose()
-    raise typer.Exit(_fail(f"not every product was searchable within {timeout_s:.0f} s; "
-                           "look for dead letters on catalog.products.dlq and at the indexer's log"))
+    raise typer.Exit(_fail(f"nothing became searchable for {stall_timeout_s:.0f} s; look for dead letters "
+                           "(`lookalike dlq list`) and at the indexer's and worker's logs"))
 
 
 def submit_search(url: str, photo: Path, k: int, timeout_s: float = 120) -> dict:
@@ -193,6 +196,147 @@ def search(photo: Path = typer.Argument(..., exists=True, dir_okay=False),
     print_result(submit_search(url, photo, k), f"top {k} for {photo.name}")
 
 
+@app.command("segment-sheet")
+def segment_sheet(images: Path = typer.Option(SAMPLE / "images", exists=True, file_okay=False,
+                                              help="Folder of photos (.jpg, .png, .webp)."),
+                  out: Path = typer.Option(Path("segment-sheet.png"), help="Contact sheet to write (PNG)."),
+                  n: int = typer.Option(24, "--n", min=1, max=400, help="How many photos, evenly spaced by name."),
+                  tile: int = typer.Option(160, min=32, max=1024, help="Side of one tile in pixels."),
+                  colours: int = typer.Option(0, min=0, max=256, help="Quantise to N colours (0: no).")) -> None:
+    """Save a contact sheet of photos with their segmentation: background tinted, box green (red: fallback)."""
+    from PIL import Image, ImageDraw
+
+    from workers.decode import decode
+    from workers.segment import Segmenter, overlay
+
+    files = sorted(f for f in images.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    files = files[::max(1, len(files) // n)][:n]
+    pixels = [decode(f.read_bytes(), 4096 * 4096) for f in files]
+    columns = min(len(files), 6)
+    sheet = Image.new("RGB", (columns * tile, -(-len(files) // columns) * (tile + 14)), "white")
+    draw = ImageDraw.Draw(sheet)
+    segments = Segmenter().segment(pixels)
+    for i, (f, image, seg) in enumerate(zip(files, pixels, segments)):
+        shown = Image.fromarray(overlay(image, seg))
+        shown.thumbnail((tile - 4, tile - 4))
+        x, y = (i % columns) * tile, (i // columns) * (tile + 14)
+        sheet.paste(shown, (x + (tile - shown.width) // 2, y + 2))
+        draw.text((x + 4, y + tile), f"{f.stem} fg {seg.foreground:.2f} border {seg.border_uniformity:.2f}",
+                  fill=(0, 0, 0))
+    if colours:
+        sheet = sheet.quantize(colours)
+    sheet.save(out, optimize=True)
+    console.print(f"{out}: {len(files)} photos, {sum(not s.confident for s in segments)} left whole (not confident)")
+
+
+@app.command()
+def reindex(model_version: str = typer.Option(None, help=(
+        "Re-embed every live product for this model version (from the stored thumbnails) before "
+        "rebuilding its shards; default: rebuild the current version's shards, embedding nothing."))) -> None:
+    """Rebuild every shard from the vectors in Postgres and write fresh snapshots (see workers/reindex.py)."""
+    import sqlalchemy as sa
+
+    from schemas.settings import ModelSettings
+    from workers import reindex as reindexing
+
+    settings = ModelSettings()
+    engine = sa.create_engine(settings.database_url)
+    columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        def bar(total: int):
+            task = progress.add_task("embed", total=total)
+            return lambda n: progress.advance(task, n)
+
+        try:
+            report = reindexing.run(settings, engine, model_version, bar)
+        except ValueError as exc:
+            raise typer.Exit(_fail(str(exc))) from None
+        finally:
+            engine.dispose()
+    console.print(f"{report.model_version}: {report.embedded} product(s) embedded; shards "
+                  + ", ".join(f"{p}: {n}" for p, n in sorted(report.shard_sizes.items()))
+                  + f"; snapshots in {settings.snapshot_dir}")
+
+
+bench_app = typer.Typer(help="Benchmarks (figures for the README, not tests).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("ingest")
+def bench_ingest(n: int = typer.Option(5000, "--n", min=1, help="Products published at once."),
+                 trickle: int = typer.Option(100, help="Products then published one by one, for freshness."),
+                 rate: float = typer.Option(10.0, help="Trickle rate, products/s."),
+                 state_dir: Path = typer.Option(None, help="Services' state (default: a temporary directory).")
+                 ) -> None:
+    """Ingest rate end to end vs embedding alone, freshness p50/p95/p99, shard vs raw FAISS, memory."""
+    from ops.bench import ingest
+
+    figures = ingest(n, trickle, rate, state_dir, console)
+    table = Table(title="lookalike bench ingest")
+    table.add_column("measure")
+    table.add_column("value")
+    for row in figures.rows():
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+def train(images: list[Path] = typer.Option(..., exists=True, file_okay=False,
+                                            help="Directory of <id>.jpg; repeat to pool several (e.g. 224 and 60x80)."),
+          styles: Path = typer.Option(..., exists=True, dir_okay=False, help="styles.csv (labels by id)."),
+          out: Path = typer.Option(..., help="Where to write heads.safetensors, labels.json, metrics.json."),
+          cache: Path = typer.Option(Path(".lookalike/features"), help="Feature cache, one folder per --images."),
+          hidden: int = typer.Option(1024, min=0, help="Shared hidden layer width (0: linear heads)."),
+          min_count: int = typer.Option(10, min=1, help="Labels with fewer training photos fold into 'other'."),
+          device: str = typer.Option("auto", help="Backbone device: auto, cpu, cuda.")) -> None:
+    """Train the category heads on a catalog's photos; products with id % 10 == 0 are held out."""
+    import json
+    import logging
+
+    from workers.embed import Embedder
+    from workers.train import extract_features, read_styles, train as train_heads
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    embedder = Embedder("train", device)
+    sources = {d.name: extract_features(d, cache / d.name, embedder.embed) for d in images}
+    metrics = train_heads(sources, read_styles(styles), out, hidden=hidden, min_count=min_count)
+    console.print_json(json.dumps(metrics["validation"]))
+
+
+@app.command("eval")
+def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay=False, help="Catalog <id>.jpg."),
+                 styles: Path = typer.Option(..., exists=True, dir_okay=False, help="Labels of catalog and queries."),
+                 queries: Path = typer.Option(..., exists=True, file_okay=False, help="Query <id>.jpg."),
+                 k: int = typer.Option(5, "--k", "-k", min=1, max=100, help="Results per query."),
+                 heads: Path = typer.Option(None, exists=True, file_okay=False, help="Heads (default: shipped)."),
+                 cache: Path = typer.Option(None, file_okay=False,
+                                            help="Catalog features from `lookalike train --cache` (per folder)."),
+                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Search every query photo in an in-memory index of the catalog photos; print precision@k,
+    exact-product recall, the heads' category accuracy and images/s."""
+    import json
+
+    from workers.classify import CategoryHeads
+    from workers.evaluate import evaluate
+
+    result = evaluate(catalog_images, styles, queries, k, heads=CategoryHeads(heads) if heads else None,
+                      catalog_cache=cache)
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table("metric", *result["precision_at_k"], title=f"{result['n_queries']} queries, "
+                  f"{result['n_catalog']} catalog photos, k={k}")
+    table.add_row(f"precision@{k}", *(_pct(v) for v in result["precision_at_k"].values()))
+    table.add_row("category accuracy", *(_pct(v) for v in result["category_accuracy"].values()))
+    console.print(table)
+    console.print(f"exact product: recall@1 {_pct(result['exact_recall_at_1'])}, recall@{k} "
+                  f"{_pct(result['exact_recall_at_k'])}; {result['images_per_s']} query images/s")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 dlq_app = typer.Typer(help="Dead letters: catalog events that could not be applied.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
 
@@ -227,6 +371,42 @@ def dlq_replay(offsets: list[int] = typer.Argument(None, help="DLQ offsets to re
         typer.confirm("Replay every dead letter?", abort=True)
     sent = dlq.replay(Settings(), set(offsets) if offsets else None)
     console.print(f"re-published {sent} event(s)")
+
+
+@bench_app.command("scale")
+def bench_scale(state_dir: Path = typer.Option(Path(".lookalike/bench"), help="Data, sockets and logs."),
+                jobs: int = typer.Option(120, help="Search jobs per round."),
+                products: int = typer.Option(400, help="Catalog events per round (at most the sample's 1200)."),
+                rounds: int = typer.Option(3, help="Rounds per configuration; the median is shown.")) -> None:
+    """Jobs/s with 1 then 2 worker processes, products/s with 1 then 2 indexers, and who did the work."""
+    from ops import bench_scale as bench
+    from ops.release import release
+    from ops.stack import LocalStack
+    from schemas.settings import Settings
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    with LocalStack(state_dir) as stack:
+        env = {**os.environ, **stack.environ(),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        release(Settings(**{k.removeprefix("LOOKALIKE_").lower(): v for k, v in stack.environ().items()}))
+        logs = stack.state_dir / "bench-logs"
+        logs.mkdir(exist_ok=True)
+        runs = bench.bench_indexers(env, logs, (1, 2), products, rounds, say=console.print)
+        runs += bench.bench_workers(env, logs, (1, 2), jobs, rounds, say=console.print)
+    table = Table(title=f"lookalike bench scale: {bench.machine()}")
+    for column in ("processes", "rate (median)", "ratio to 1", "work per process", "partitions owned", "lost"):
+        table.add_column(column)
+    base: dict[str, float] = {}
+    for run in runs:
+        unit = "jobs/s" if run.what == "workers" else "products/s"
+        base.setdefault(run.what, run.rate)
+        table.add_row(f"{run.processes} {run.what[:-1] if run.processes == 1 else run.what}",
+                      f"{run.rate:.1f} {unit}", f"{run.rate / base[run.what]:.2f}x",
+                      " / ".join(str(int(s)) for s in run.share),
+                      " / ".join(",".join(map(str, p)) for p in run.partitions) or "-", str(run.lost))
+    console.print(table)
+    if any(run.lost for run in runs):
+        raise typer.Exit(_fail("work was lost: see the logs in " + str(logs)))
 
 
 @app.command()

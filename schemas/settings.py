@@ -7,16 +7,19 @@ Hierarchy::
 
     Settings                 shared: where Postgres, Redis and Kafka are; topic names
     ├── GatewaySettings      HTTP limits
+    ├── FetchSettings        fetching images by URL (SSRF guard, timeouts, size)
     └── ModelSettings        the embedding model and where it runs; the metrics port
-        ├── WorkerSettings   replicas of the shards
-        └── IndexerSettings  consumer group, batching, image sources
+        ├── WorkerSettings   replicas of the shards (+ FetchSettings)
+        └── IndexerSettings  consumer group, batching, image sources (+ FetchSettings)
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,9 +37,20 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, description="Partitions of the catalog topics = FAISS shards.")
     job_ttl_s: int = Field(3600, ge=60, description="How long a job's status and result stay in Redis.")
     max_pixels: int = Field(4096 * 4096, ge=32 * 32, description="Largest decoded image, width x height.")
+    visibility_timeout_s: int = Field(60, ge=5, description=(
+        "Seconds a job taken by a worker may stay unacknowledged before Redis hands it to another worker "
+        "(a worker killed mid-job has its jobs back in the queue this long, plus up to 2 s, after it took them); must exceed "
+        "the longest job, queue wait behind the worker's own jobs included, or a slow job runs twice."))
     snapshot_dir: Path | None = Field(None, description=(
         "Where the indexer writes shard snapshots and workers read them (a shared volume); "
         "unset: no snapshots, workers build their replicas from PostgreSQL."))
+    shard_exact_max: int = Field(50_000, ge=1, description=(
+        "Most vectors of an exact (flat) shard; past it the shard becomes IVF-Flat (see workers/shards.py)."))
+    shard_nprobe: int = Field(32, ge=1, description="Inverted lists an IVF shard searches per query (recall vs time).")
+
+
+PLACEHOLDER_DIGESTS = {hashlib.sha256(key.encode()).hexdigest(): key
+                       for key in ("", "changeme", "change-me", "secret", "password", "test", "api-key")}
 
 
 class GatewaySettings(Settings):
@@ -44,6 +58,55 @@ class GatewaySettings(Settings):
 
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted upload.")
     default_k: int = Field(10, ge=1, le=100)
+    max_wait_s: float = Field(30.0, ge=0, le=120, description=(
+        "Longest long-poll of `GET /v1/jobs/{id}?wait_s=` and `/similar`; keep it under the proxy's idle timeout."))
+    max_queue_depth: int = Field(1000, ge=0, description=(
+        "Jobs waiting in the `vision` queue past which new jobs get 503 + Retry-After; 0 = no limit."))
+    queue_retry_after_s: int = Field(5, ge=1, description="The Retry-After of a 503 for a full queue.")
+    read_only: bool = Field(False, description=(
+        "Refuse catalog writes (`POST /v1/products`, `DELETE /v1/products/{id}`) whatever the keys."))
+    api_key_sha256: list[str] = Field(default_factory=list, description=(
+        "SHA-256 hex digests of the API keys allowed to write the catalog (JSON list); none = no writes. "
+        "Make one with `printf %s \"$KEY\" | sha256sum`."))
+    write_rate_per_min: int = Field(120, ge=0, description=(
+        "Catalog write requests one API key may make per minute (fixed one-minute windows in Redis); "
+        "past it 429 + Retry-After; 0 = no limit."))
+    max_catalog_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest `POST /v1/products` body.")
+    similar_wait_s: float = Field(10.0, ge=0, le=120, description=(
+        "How long `/v1/products/{id}/similar` waits for its job when the request gives no `wait_s`."))
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _real_digests(cls, digests: list[str]) -> list[str]:
+        for digest in digests:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"LOOKALIKE_API_KEY_SHA256 holds {digest[:80]!r}, which is not a SHA-256 hex digest "
+                                 "(64 lowercase hex digits); store the digest of each key, never the key")
+            if digest in PLACEHOLDER_DIGESTS:
+                raise ValueError(f"LOOKALIKE_API_KEY_SHA256 holds the digest of the placeholder key "
+                                 f"{PLACEHOLDER_DIGESTS[digest]!r}; generate a random key (`openssl rand -hex 32`)")
+        return digests
+
+
+class FetchSettings(Settings):
+    """Fetching an image by URL (``workers.fetch``)."""
+
+    fetch_allow_private: bool = Field(False, description=(
+        "Allow URLs that resolve to private (10/8, 172.16/12, 192.168/16, fc00::/7) and loopback addresses; "
+        "for development and tests only. Link-local, multicast, reserved and unspecified stay refused."))
+    fetch_connect_timeout_s: float = Field(3.0, gt=0, description="Longest wait to connect to a URL's host.")
+    fetch_read_timeout_s: float = Field(10.0, gt=0, description="Longest wait for the next bytes of a response.")
+    fetch_total_timeout_s: float = Field(20.0, gt=0, description="Longest time for a whole fetch, redirects included.")
+    fetch_max_redirects: int = Field(3, ge=0, le=10, description="Most redirects followed, each checked again.")
+    fetch_attempts: int = Field(3, ge=1, le=10, description=(
+        "Tries per image URL when the failure may pass (timeout, connection error, HTTP 429 or 5xx), "
+        "with exponential backoff from 0.5 s; a catalog event's image is dead-lettered after the last."))
+    fetch_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest image fetched by URL.")
+    fetch_concurrency: int = Field(8, ge=1, le=64, description=(
+        "Indexer: image URLs of one micro-batch fetched at once, so a batch waits about one fetch, not the sum."))
+    fetch_ca_file: Path | None = Field(None, description=(
+        "PEM file of the certificate authorities to trust for https image URLs instead of the system's "
+        "(a private CA); unset = the certifi bundle."))
 
 
 class ModelSettings(Settings):
@@ -53,7 +116,12 @@ class ModelSettings(Settings):
     so each runs a small one of its own on ``metrics_host:metrics_port``.
     """
 
-    model_version: str = "effnet-lite0-imagenet-gap-v1"
+    model_version: str = Field("effnet-lite0-imagenet-gap-seg-v2", description=(
+        "Recorded with every vector; change it whenever the model or the preprocessing changes "
+        "(v2: segmentation on; the v1 vectors were of whole images)."))
+    segment: bool = Field(True, description=(
+        "Crop to the product and paint its background white before embedding (workers.segment); "
+        "the same in the worker and the indexer, so catalog and query vectors are made alike."))
     device: str = Field("auto", description="`auto` (CUDA when present), `cpu` or `cuda[:N]`.")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default.")
     embed_batch: int = Field(8, ge=1, le=1024, description=(
@@ -65,15 +133,19 @@ class ModelSettings(Settings):
         "$PORT, so several workers or indexers on one host never collide."))
 
 
-class WorkerSettings(ModelSettings):
-    """A Celery vision worker: the model and its replicas of the shards."""
+class WorkerSettings(ModelSettings, FetchSettings):
+    """A Celery vision worker: the model, its replicas of the shards, and image URLs."""
 
     replica_poll_ms: int = Field(200, ge=10, description="Longest wait of one changelog poll.")
     replica_status_interval_s: float = Field(1.0, gt=0, description="How often a worker reports its replicas to Redis.")
+    heads_dir: str = Field("", description="Category heads (a `lookalike train --out` directory); empty: the "
+                                           "ones shipped in workers/models/.")
+    auto_category_min_prob: float = Field(0.7, ge=0, le=1, description=(
+        "`category: auto` searches within the most specific predicted level whose top probability is at least this."))
 
 
-class IndexerSettings(ModelSettings):
-    """The Kafka indexer (consumer group on the products topic)."""
+class IndexerSettings(ModelSettings, FetchSettings):
+    """The Kafka indexer (consumer group on the products topic); fetches ``image.url`` like a worker."""
 
     group_id: str = "indexer"
     batch_size: int = Field(32, ge=1, le=1024, description="Most events embedded and written in one micro-batch.")

@@ -11,6 +11,8 @@ once per test module, for the tests of the whole system.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import signal
@@ -35,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "ops" / "sample"
 TEST_DATABASE_URL = os.environ.get("LOOKALIKE_TEST_DATABASE_URL",
                                    "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+API_KEY = "e2e-" + "3c" * 16  # the catalog-write key the `procfile` gateway accepts
 TEST_REDIS_URL = os.environ.get("LOOKALIKE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
@@ -146,6 +149,7 @@ def procfile(settings, stack, tmp_path_factory) -> System:
     port, base = free_port(), free_base_port(len(processes))
     log_path = tmp_path_factory.mktemp("procs") / "honcho.log"
     env = {**os.environ, **stack, "LOOKALIKE_PORT": str(port), "LOOKALIKE_WORKER_THREADS": "2",
+           "LOOKALIKE_API_KEY_SHA256": json.dumps([hashlib.sha256(API_KEY.encode()).hexdigest()]),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     with open(log_path, "wb") as log:
         honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "start", "-f", str(ROOT / "Procfile"),

@@ -8,21 +8,24 @@ indexed set get top-5 results of the query's masterCategory at least 90% of the 
 
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import redis
 
 from ops.publish import publish, read_catalog
 from schemas.jobs import JobStore
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import API_KEY, ROOT, SAMPLE
 from workers import catalog
 
-MODEL_VERSION = "effnet-lite0-imagenet-gap-v1"
+MODEL_VERSION = "effnet-lite0-imagenet-gap-seg-v2"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
@@ -109,8 +112,8 @@ def test_a_job_whose_image_cannot_be_decoded_ends_failed_with_the_reason(system,
     truncated = (SAMPLE / "queries" / "17423.jpg").read_bytes()[:400]  # a valid header, then nothing
     status = search(system, truncated)
     assert status["status"] == "failed"
-    assert status["error"]["code"] == "corrupt"
-    assert "truncated or corrupt" in status["error"]["message"]
+    assert status["error"]["code"] == "truncated"
+    assert "truncated" in status["error"]["message"] and "upload the whole file" in status["error"]["message"]
 
 
 def test_result_thumbnails_are_served(system, indexed):
@@ -126,3 +129,80 @@ def record(name: str, figures: dict) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / f"{name}.json").write_text(json.dumps(figures, indent=2))
     print(name, json.dumps(figures))
+
+
+def test_json_search_with_a_filter_answers_in_one_long_poll(system, indexed):
+    catalog_labels = labels(SAMPLE / "products.csv")
+    footwear = [i for i in indexed if catalog_labels[i]["masterCategory"] == "Footwear"]
+    assert len(footwear) > 6
+    query = base64.b64encode((SAMPLE / "queries" / "17423.jpg").read_bytes()).decode()  # a watch
+    with httpx.Client(base_url=system, timeout=60) as client:
+        response = client.post("/v1/jobs", json={"image_base64": query, "k": 5, "exclude_ids": footwear[:1],
+                                                 "filters": {"master_category": "Footwear"}})
+        assert response.status_code == 202, response.text
+        start = time.perf_counter()
+        status = client.get(response.json()["status_url"], params={"wait_s": 30}).json()
+        waited = time.perf_counter() - start
+    assert status["status"] == "done", status
+    found = [hit["product_id"] for hit in status["result"]["products"]]
+    assert len(found) == 5 and set(found) <= set(footwear[1:])
+    record("json_filtered_long_poll", {"long_poll_s": waited, "timings": status["timings"]})
+
+
+def test_more_like_this_for_a_product_page(system, indexed):
+    product_id = indexed[10]
+    with httpx.Client(base_url=system, timeout=60) as client:
+        product = client.get(f"/v1/products/{product_id}").json()
+        response = client.get(f"/v1/products/{product_id}/similar", params={"k": 5, "wait_s": 30})
+    assert product["product_id"] == product_id and product["title"]
+    assert response.status_code == 200, response.text
+    status = response.json()
+    assert status["status"] == "done", status
+    hits = status["result"]["products"]
+    assert len(hits) == 5 and product_id not in {hit["product_id"] for hit in hits}
+    assert status["result"]["box"] is None
+    assert sum(hit["master_category"] == product["master_category"] for hit in hits) >= 4
+
+
+def test_a_product_added_and_deleted_through_the_api(system, indexed):
+    product_id = next(i for i in sorted(labels(SAMPLE / "products.csv")) if i not in set(indexed))
+    row = labels(SAMPLE / "products.csv")[product_id]
+    image = (SAMPLE / "images" / f"{product_id}.jpg").read_bytes()
+    headers = {"X-API-Key": API_KEY}
+    with httpx.Client(base_url=system, timeout=60) as client:
+        response = client.post("/v1/products", headers=headers, json={
+            "product_id": product_id, "title": row["productDisplayName"], "master_category": row["masterCategory"],
+            "article_type": row["articleType"], "image": {"data": base64.b64encode(image).decode()}})
+        assert response.status_code == 202, response.text
+        start = time.perf_counter()
+        while client.get(f"/v1/products/{product_id}").status_code == 404:
+            assert time.perf_counter() - start < 60, "the product never reached the catalog"
+            time.sleep(0.1)
+        stored_s = time.perf_counter() - start
+        deadline = time.monotonic() + 30
+        while True:  # every worker's replica gets it from the changelog
+            status = search(system, image, k=1)
+            if status["result"]["products"][0]["product_id"] == product_id:
+                break
+            assert time.monotonic() < deadline, status
+        searchable_s = time.perf_counter() - start
+        assert client.delete(f"/v1/products/{product_id}", headers=headers).status_code == 202
+        while client.get(f"/v1/products/{product_id}").status_code == 200:
+            assert time.perf_counter() - start < 90, "the delete never reached the catalog"
+            time.sleep(0.1)
+        assert client.delete(f"/v1/products/{product_id}").status_code == 401
+    record("api_write_to_searchable", {"stored_s": stored_s, "searchable_s": searchable_s})
+
+
+def test_an_embedding_through_the_api_matches_the_stored_vector(system, indexed, engine):
+    product_id = indexed[20]
+    image = (SAMPLE / "images" / f"{product_id}.jpg").read_bytes()
+    with httpx.Client(base_url=system, timeout=60) as client:
+        response = client.post("/v1/embeddings", files={"image": ("photo.jpg", image)})
+        assert response.status_code == 202, response.text
+        status = client.get(response.json()["status_url"], params={"wait_s": 30}).json()
+    assert status["status"] == "done", status
+    stored = catalog.fetch_vector(engine, product_id, MODEL_VERSION)
+    vector = np.array(status["result"]["vector"], dtype=np.float32)
+    assert status["result"]["model_version"] == MODEL_VERSION and vector.shape == stored.shape
+    assert float(vector @ stored) > 0.999

@@ -108,7 +108,7 @@ def worked(procfile, before, settings, engine) -> dict[str, int]:
     for product_id in ids[:2]:
         assert search(procfile.url, (SAMPLE / "images" / f"{product_id}.jpg").read_bytes())["status"] == "done"
     corrupt = search(procfile.url, (SAMPLE / "queries" / "17423.jpg").read_bytes()[:400])
-    assert corrupt["error"]["code"] == "corrupt"
+    assert corrupt["error"]["code"] == "truncated"
     return {"products": len(ids), "dead_letters": 1, "done": 2, "rejected": 1}
 
 
@@ -155,8 +155,8 @@ def test_the_worker_counts_jobs_by_outcome_and_times_every_stage(before, worked,
     w0, w = before["worker"], after["worker"]
     name = "lookalike_worker_jobs_total"
     assert value(w, name, outcome="done", reason="") - value(w0, name, outcome="done", reason="") == worked["done"]
-    assert value(w, name, outcome="rejected", reason="corrupt") - \
-        value(w0, name, outcome="rejected", reason="corrupt") == worked["rejected"]
+    assert value(w, name, outcome="rejected", reason="truncated") - \
+        value(w0, name, outcome="rejected", reason="truncated") == worked["rejected"]
     stages = "lookalike_worker_stage_seconds_count"
     grew = {stage: value(w, stages, stage=stage) - value(w0, stages, stage=stage)
             for stage in ("queue_wait", "decode", "embed", "search", "join", "total")}

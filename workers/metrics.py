@@ -24,6 +24,9 @@ EVENTS = Counter("lookalike_indexer_events_total", "Catalog events by outcome.",
 INDEXER_BATCH_SECONDS = Histogram("lookalike_indexer_batch_seconds", "One micro-batch, poll to commit.")
 INDEXER_BATCH_EVENTS = Histogram("lookalike_indexer_batch_events", "Events in one micro-batch of one partition.",
                                  buckets=COUNT_BUCKETS)
+SNAPSHOT_WRITTEN = Gauge("lookalike_snapshot_written_timestamp_seconds",
+                         "When this indexer last wrote a snapshot of a shard (Unix time); the snapshot's age "
+                         "is time() minus it.", ["shard"])
 INDEXER_RETRIES = Counter("lookalike_indexer_retries_total", "Batches retried after a transient error.")
 INDEXER_LAG = Gauge("lookalike_indexer_lag_events",
                     "Events of the products topic not yet processed: highwater - position, per partition "

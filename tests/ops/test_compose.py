@@ -187,6 +187,12 @@ def test_procfile_processes_run_in_compose_with_the_same_commands(services):
     assert "8000:8000" in [str(port) for port in services["web"]["ports"]]
 
 
+def test_the_web_takes_api_key_digests_from_the_environment_and_is_read_only_without(services):
+    value = env_of(services["web"])["LOOKALIKE_API_KEY_SHA256"]
+    assert value == "${LOOKALIKE_API_KEY_SHA256:-[]}"  # never a digest written in the file
+    assert "LOOKALIKE_DATABASE_URL" in env_of(services["web"])  # the shared URLs are kept
+
+
 def test_the_default_worker_runs_without_a_gpu_and_worker_gpu_reserves_one(services):
     cpu, gpu = services["worker"], services["worker-gpu"]
     assert "profiles" not in cpu and "deploy" not in cpu
