@@ -239,6 +239,43 @@ def owned_shards(log: Path) -> list[str]:
     return [line for line in log.read_text(errors="replace").splitlines() if "own shard" in line]
 
 
+def shards_owned_now(log: Path) -> set[int]:
+    """The shards the indexer writing ``log`` owns now: taken ("own shard N") and not given up."""
+    owned: set[int] = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if "own shard " in line:
+            owned.add(int(line.split("own shard ")[1].split(":")[0]))
+        elif "gave up shard " in line:
+            owned.discard(int(line.split("gave up shard ")[1].split()[0]))
+    return owned
+
+
+def changelog_end(settings: IndexerSettings, partition: int) -> int:
+    """The changelog's high watermark for ``partition``, read to its end (Tansu's
+    end_offsets() can be too low)."""
+    tp = TopicPartition(settings.vectors_topic, partition)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        while True:
+            records = consumer.poll(timeout_ms=200).get(tp, [])
+            highwater = consumer.highwater(tp)
+            if highwater is not None and consumer.position(tp) >= highwater and not records:
+                return highwater
+    finally:
+        consumer.close()
+
+
+def changes_past_snapshot(settings: IndexerSettings, log: Path) -> bool:
+    """Whether a shard the indexer writing ``log`` owns has changelog records past its newest snapshot."""
+    for partition in shards_owned_now(log):
+        newest = snapshots.newest(settings.snapshot_dir, settings.model_version, partition)
+        if newest is not None and changelog_end(settings, partition) > newest.offset:
+            return True
+    return False
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_two_indexers_share_the_partitions_and_one_takes_over_from_the_other(env, indexers, engine, tmp_path,
                                                                              stop):
@@ -250,17 +287,19 @@ def test_two_indexers_share_the_partitions_and_one_takes_over_from_the_other(env
     publish(isettings.kafka_bootstrap, isettings.products_topic, events[:60])
 
     first = indexers.start()
-    # The second snapshots seldom, so what it applied after its last snapshot is only in the
-    # changelog: killed, the survivor must replay that to take its shards over.
-    indexers.env = {**env, "LOOKALIKE_SNAPSHOT_EVERY_CHANGES": "6", "LOOKALIKE_SNAPSHOT_INTERVAL_S": "600"}
+    wait_for("the first 60 products", lambda: committed_total(isettings) == 60, logs=tmp_path)
+    # The second never snapshots on its own (only when it gives shards up), so what it applies
+    # is only in the changelog after the snapshots the first wrote when it handed shards over:
+    # killed, the survivor must replay that to take its shards back.
+    indexers.env = {**env, "LOOKALIKE_SNAPSHOT_EVERY_CHANGES": "1000000", "LOOKALIKE_SNAPSHOT_INTERVAL_S": "3600"}
     second = indexers.start()
     logs = [tmp_path / "indexer-0.log", tmp_path / "indexer-1.log"]
     # Both own some shards once the group has rebalanced (Tansu lets the second member in after
     # about half the session timeout).
-    wait_for("both indexers to own shards", lambda: all(owned_shards(p) for p in logs), logs=tmp_path)
-    wait_for("the first 60 products", lambda: committed_total(isettings) == 60, logs=tmp_path)
+    wait_for("both indexers to own shards", lambda: all(shards_owned_now(p) for p in logs), logs=tmp_path)
     publish(isettings.kafka_bootstrap, isettings.products_topic, events[60:] + changes[:10])
-    time.sleep(1.0)  # let the second indexer take part of these, mid-stream
+    wait_for("the second indexer to apply changes past a snapshot",
+             lambda: changes_past_snapshot(isettings, logs[1]), logs=tmp_path)
     before = len(owned_shards(logs[0]))
     second.send_signal(stop)
     second.wait()
