@@ -180,8 +180,11 @@ def test_the_worker_replica_matches_postgres_with_no_lag_and_measures_freshness(
     assert within_10s == observed
 
 
-def test_the_indexer_counts_events_and_dead_letters_and_its_lag_returns_to_zero(before, worked, after):
+def test_the_indexer_counts_events_and_dead_letters_and_its_lag_returns_to_zero(before, worked, after, engine):
     i0, i = before["indexer"], after["indexer"]
+    # the only indexer owns every shard; its copy holds what Postgres holds
+    assert by_label(i, "lookalike_indexer_shard_vectors", "shard") == \
+        {**{str(p): 0.0 for p in range(4)}, **vectors_per_shard(engine)}
     events = "lookalike_indexer_events_total"
     assert value(i, events, outcome="applied") - value(i0, events, outcome="applied") == worked["products"]
     assert value(i, events, outcome="dead_letter") - value(i0, events, outcome="dead_letter") == \

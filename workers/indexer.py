@@ -123,6 +123,7 @@ class Indexer:
             else:
                 source = f"snapshot at offset {owned.snapshot_offset} + changelog to {owned.next_offset}"
             self.shards[partition] = owned
+            metrics.INDEXER_SHARD_VECTORS.labels(str(partition)).set(owned.shard.ntotal)
             log.info("own shard %d: %d vectors from %s", partition, owned.shard.ntotal, source)
 
     def takeover(self, partition: int, policy: IndexPolicy) -> OwnedShard | None:
@@ -169,6 +170,7 @@ class Indexer:
         for partition in partitions:
             self.snapshot(partition, force=True)
             if self.shards.pop(partition, None) is not None:
+                metrics.INDEXER_SHARD_VECTORS.remove(str(partition))
                 log.info("gave up shard %d", partition)
 
     def snapshot(self, partition: int, force: bool = False) -> snapshots.Snapshot | None:
@@ -264,6 +266,7 @@ class Indexer:
         owned = self.shards.get(tp.partition)
         if owned is not None:
             owned.apply(changes, receipts)
+            metrics.INDEXER_SHARD_VECTORS.labels(str(tp.partition)).set(owned.shard.ntotal)
         return outcome
 
     def parse(self, record: ConsumerRecord) -> CatalogEvent:

@@ -40,6 +40,9 @@ STAGE_SECONDS = Histogram("lookalike_worker_stage_seconds",
                           "Job time by stage: queue_wait (submitted to started), decode, embed, search, "
                           "join, total (submitted to done).", ["stage"], buckets=SECONDS_BUCKETS)
 SHARD_VECTORS = Gauge("lookalike_shard_vectors", "Vectors in this process's replica of a shard.", ["shard"])
+INDEXER_SHARD_VECTORS = Gauge("lookalike_indexer_shard_vectors",
+                              "Vectors in a shard this indexer owns (the writer's copy; the workers' replicas "
+                              "should converge to it).", ["shard"])
 REPLICA_LAG = Gauge("lookalike_replica_lag_changes",
                     "Changes of the vectors topic not yet applied to this worker's replica: highwater - "
                     "position, per partition.", ["partition"])

@@ -15,7 +15,9 @@ its inverted lists itself, removes them (a hashtable direct map makes that O(1) 
 and allows ``reconstruct``), serializes with them, and applies an ``IDSelector`` on
 product ids while it scans. The IVF shard is retrained (rebuilt) when it has grown
 ``retrain_growth`` times past the size it was trained at, and goes back to exact below
-half of ``exact_max``.
+half of ``exact_max``. A rebuild (k-means training: seconds at 50k vectors) runs on a copy
+outside the lock, in the writer's thread: searches keep using the old index meanwhile, and
+the changes made during the rebuild are replayed onto the new index before it is swapped in.
 
 Filtered search on an IVF shard: an ``allowed`` list is searched over every list
 (``nprobe = nlist``); the selector is tested before any distance is computed, so that
@@ -80,6 +82,7 @@ class Shard:
         self._index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._trained_at = self._index.ntotal  # the size an IVF index was trained at
         self._lock = threading.Lock()
+        self._journal: list[tuple[np.ndarray, np.ndarray | None]] | None = None  # changes during a rebuild
 
     @classmethod
     def build(cls, dim: int, chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
@@ -90,8 +93,7 @@ class Shard:
         for _, ids, vectors in chunks:
             shard.upsert(ids, vectors)
         shard.policy = policy or IndexPolicy()
-        with shard._lock:
-            shard._adapt()
+        shard._adapt()
         return shard
 
     @property
@@ -120,22 +122,49 @@ class Shard:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         return np.concatenate(all_ids).astype(np.int64), np.concatenate(all_vectors)
 
-    def _adapt(self) -> None:
-        """Switch the index type if the size calls for it (caller holds the lock)."""
+    def _wanted(self) -> str | None:
+        """The index type the size calls for, if it is not the current one: ``ivf`` (also a
+        retrain of a grown IVF shard), ``flat`` or None (caller holds the lock)."""
         n, policy = self._index.ntotal, self.policy
         ivf = _ivf(self._index)
         if ivf is None and n > policy.exact_max:
-            self._to_ivf()
-        elif ivf is not None and n > policy.retrain_growth * max(self._trained_at, 1):
-            self._to_ivf()
-        elif ivf is not None and n < policy.exact_max // 2:
+            return "ivf"
+        if ivf is not None and n > policy.retrain_growth * max(self._trained_at, 1):
+            return "ivf"
+        if ivf is not None and n < policy.exact_max // 2:
+            return "flat"
+        return None
+
+    def _adapt(self) -> None:
+        """Rebuild the index as the type its size calls for, if needed. The build runs outside
+        the lock on a copy of the contents; changes made meanwhile (:meth:`_change`) are
+        journaled and replayed onto the new index, which is then swapped in. One rebuild at a
+        time: a writer that finds one running leaves it to finish."""
+        with self._lock:
+            kind = self._wanted()
+            if kind is None or self._journal is not None:
+                return
             ids, vectors = self._contents()
+            self._journal = []
+        try:
+            index, trained_at = self._build(kind, ids, vectors)
+        except BaseException:
+            with self._lock:
+                self._journal = None
+            raise
+        with self._lock:
+            for changed_ids, changed_vectors in self._journal:
+                index.remove_ids(changed_ids)
+                if changed_vectors is not None:
+                    index.add_with_ids(changed_vectors, changed_ids)
+            self._index, self._trained_at, self._journal = index, trained_at, None
+
+    def _build(self, kind: str, ids: np.ndarray, vectors: np.ndarray) -> tuple[faiss.Index, int]:
+        """A new ``kind`` index holding ``(ids, vectors)`` and the size it was trained at."""
+        if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
             index.add_with_ids(vectors, ids)
-            self._index = index
-
-    def _to_ivf(self) -> None:
-        ids, vectors = self._contents()
+            return index, 0
         n = len(ids)
         nlist = self.policy.nlist(n)
         index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
@@ -145,7 +174,17 @@ class Shard:
         ivf = faiss.extract_index_ivf(index)
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         index.add_with_ids(vectors, ids)
-        self._index, self._trained_at = index, n
+        return index, n
+
+    def _change(self, ids: np.ndarray, vectors: np.ndarray | None) -> int:
+        """Remove ``ids``, then add ``vectors`` under them unless None; journaled while a rebuild
+        runs. Returns how many were removed (caller holds the lock)."""
+        removed = self._index.remove_ids(ids)
+        if vectors is not None:
+            self._index.add_with_ids(vectors, ids)
+        if self._journal is not None:
+            self._journal.append((ids, vectors))
+        return removed
 
     def to_bytes(self) -> bytes:
         """The index in FAISS's own serialization (``faiss.serialize_index``)."""
@@ -180,16 +219,15 @@ class Shard:
         if vectors.shape != (len(ids), self.dim):
             raise ValueError(f"vectors have shape {vectors.shape}, expected ({len(ids)}, {self.dim})")
         with self._lock:
-            self._index.remove_ids(ids)
-            self._index.add_with_ids(vectors, ids)
-            self._adapt()
+            self._change(ids, vectors)
+        self._adapt()
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ids (absent ones are ignored). Returns how many were removed."""
         with self._lock:
-            removed = self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
-            self._adapt()
-            return removed
+            removed = self._change(np.ascontiguousarray(ids, dtype=np.int64), None)
+        self._adapt()
+        return removed
 
     def search(self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None,
                exhaustive: bool = False) -> tuple[np.ndarray, np.ndarray]:

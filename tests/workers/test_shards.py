@@ -139,6 +139,47 @@ def test_build_chooses_the_index_type_once_all_vectors_are_in():
     assert Shard.build(16, chunks, IndexPolicy(exact_max=300)).kind == "flat"
 
 
+def test_a_rebuild_runs_outside_the_lock_and_keeps_the_changes_made_meanwhile(monkeypatch):
+    """While the IVF index trains (seconds at 50k vectors), searches and writes go on against the
+    old index; the writes are replayed onto the new one before it is swapped in."""
+    import threading
+
+    rng = np.random.default_rng(6)
+    shard = Shard(16, policy=IndexPolicy(exact_max=500, nprobe=64))
+    vectors, ids = unit(rng, 700), np.arange(20_000, 20_700)
+    shard.upsert(ids[:500], vectors[:500])
+    building, release = threading.Event(), threading.Event()
+    build = Shard._build
+
+    def slow_build(self, kind, *args):
+        building.set()
+        assert release.wait(30), "the test never released the build"
+        return build(self, kind, *args)
+
+    monkeypatch.setattr(Shard, "_build", slow_build)
+    writer = threading.Thread(target=shard.upsert, args=(ids[500:600], vectors[500:600]))
+    writer.start()
+    assert building.wait(30)
+    # the build is stalled; each of these would wait for it forever if it held the lock
+    done = []
+    other = threading.Thread(target=lambda: done.extend([
+        shard.search(vectors[:1], 1)[1][0, 0],
+        shard.upsert(ids[600:], vectors[600:]),  # a second writer: journaled, no second rebuild
+        shard.remove(ids[:50]),
+        shard.upsert(ids[50:60], vectors[60:70]),
+    ]))
+    other.start()
+    other.join(10)
+    assert not other.is_alive(), "a search or write waited for the rebuild"
+    assert done[0] == ids[0] and done[2] == 50 and shard.kind == "flat"
+    release.set()
+    writer.join(30)
+    assert shard.kind == "ivf" and shard.ntotal == 650
+    assert sorted(shard.ids()) == list(ids[50:])
+    _, found = shard.search(vectors[65:66], 1)  # id 50..59 now hold vectors 60..69
+    assert found[0, 0] in (ids[55], ids[65])
+
+
 RECALL_N, RECALL_DIM = 100_000, 1280
 
 
