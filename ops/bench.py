@@ -3,7 +3,8 @@
 Measured in one run, medians and ratios (never a timed test):
 
 - *embedding alone*: :class:`workers.embed.Embedder` on the same decoded images, in this process,
-  before the system starts (so nothing else competes for the cores);
+  before the system starts (so nothing else competes for the cores); and segmentation plus
+  embedding, the indexer's whole vector function when the model version segments;
 - *end to end*: ``n`` real products published at once to ``catalog.products``, through the
   indexer (decode, embed, Postgres, changelog) to a worker's replica, until the replica holds
   them all; products/s = n / (last searchable - first publish);
@@ -37,6 +38,7 @@ DATA = Path("/work/shared/data/fashion-product-images")
 class Figures:
     n: int
     embed_per_s: float
+    segment_embed_per_s: float
     ingest_per_s: float
     freshness_ms: list[float]
     shard_search_ms: float
@@ -50,6 +52,8 @@ class Figures:
             ("products indexed end to end", f"{self.ingest_per_s:.1f} /s ({self.n} products)"),
             ("embedding alone (same images)", f"{self.embed_per_s:.1f} /s"),
             ("ingest / embedding", f"{self.ingest_per_s / self.embed_per_s:.2f}"),
+            ("segmentation + embedding (same images)", f"{self.segment_embed_per_s:.1f} /s"),
+            ("ingest / (segmentation + embedding)", f"{self.ingest_per_s / self.segment_embed_per_s:.2f}"),
             ("freshness p50 / p95 / p99", f"{q[0]:.0f} / {q[1]:.0f} / {q[2]:.0f} ms "
                                           f"({len(self.freshness_ms)} products at a trickle)"),
             ("shard search / raw FAISS", f"{self.shard_search_ms:.3f} / {self.raw_search_ms:.3f} ms = "
@@ -86,17 +90,28 @@ def extract(n: int, into: Path) -> Path:
     return path
 
 
-def embedding_rate(images: Path, ids: list[int], settings) -> float:
+def embedding_rate(images: Path, ids: list[int], settings) -> tuple[float, float]:
+    """Images/s of :meth:`Embedder.embed` alone on decoded images, and of segmentation plus
+    embedding (the vector function of a ``segment`` model version), medians of 3 runs."""
     from workers.decode import decode
     from workers.embed import Embedder
+    from workers.segment import Segmenter
 
     embedder = Embedder.from_settings(settings)
     embedder.load()
+    segmenter = Segmenter(embedder.device)
     pixels = [decode((images / f"{i}.jpg").read_bytes(), settings.max_pixels, 10 * 2**20) for i in ids]
-    embedder.embed(pixels[:8])  # warm up
-    start = time.perf_counter()
-    embedder.embed(pixels)
-    return len(pixels) / (time.perf_counter() - start)
+    embedder.embed([crop for crop, _ in segmenter.crop_all(pixels[:16])])  # warm up
+    alone, segmented = [], []
+    for _ in range(3):
+        start = time.perf_counter()
+        embedder.embed(pixels)
+        alone.append(len(pixels) / (time.perf_counter() - start))
+        start = time.perf_counter()
+        for i in range(0, len(pixels), 32):  # as the indexer: a micro-batch at a time
+            embedder.embed([crop for crop, _ in segmenter.crop_all(pixels[i:i + 32])])
+        segmented.append(len(pixels) / (time.perf_counter() - start))
+    return statistics.median(alone), statistics.median(segmented)
 
 
 def shard_figures(search_n: int = 20_000, queries: int = 200) -> tuple[float, float, float, float]:
@@ -125,8 +140,12 @@ def shard_figures(search_n: int = 20_000, queries: int = 200) -> tuple[float, fl
     return statistics.median(shard_ms), statistics.median(raw_ms), flat, ivf_bytes
 
 
-def ingest(n: int, trickle_n: int, rate: float, state_dir: Path | None, console) -> Figures:
+def ingest(n: int, trickle_n: int, rate: float, state_dir: Path, console) -> Figures:
+    """The figures above, with services of the bench's own under ``state_dir`` (wiped first: a
+    product already indexed there would not count as new). Not a temporary directory: PostgreSQL
+    started as an unprivileged user (when run as root) cannot enter one."""
     import os
+    import shutil
 
     import redis
 
@@ -144,14 +163,15 @@ def ingest(n: int, trickle_n: int, rate: float, state_dir: Path | None, console)
         bulk, trickle = events[:n], events[n:]
         settings = WorkerSettings()
         console.print("embedding alone ...")
-        embed_rate = embedding_rate(tmp / "images", [e.product_id for e in bulk[:min(n, 256)]], settings)
-        console.print(f"  {embed_rate:.1f} img/s")
+        embed_rate, segment_embed_rate = embedding_rate(tmp / "images", [e.product_id for e in bulk[:min(n, 256)]],
+                                                        settings)
+        console.print(f"  {embed_rate:.1f} img/s; with segmentation {segment_embed_rate:.1f} img/s")
         console.print("shard search vs raw FAISS, memory ...")
         shard_ms, raw_ms, flat_bytes, ivf_bytes = shard_figures()
 
         os.environ["LOOKALIKE_REPLICA_STATUS_INTERVAL_S"] = "0.05"
-        state = state_dir or tmp / "state"
-        with running_system(state, ["worker", "indexer"]), contextlib.ExitStack() as stack:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        with running_system(state_dir, ["worker", "indexer"]), contextlib.ExitStack() as stack:
             settings = WorkerSettings()
             store = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
 
@@ -195,4 +215,4 @@ def ingest(n: int, trickle_n: int, rate: float, state_dir: Path | None, console)
                     break
                 time.sleep(0.01)
             freshness = [(s - p) * 1000 for p, s in zip(sent_at, seen_at) if s is not None]
-    return Figures(n, embed_rate, ingest_rate, freshness, shard_ms, raw_ms, flat_bytes, ivf_bytes)
+    return Figures(n, embed_rate, segment_embed_rate, ingest_rate, freshness, shard_ms, raw_ms, flat_bytes, ivf_bytes)

@@ -266,7 +266,8 @@ app.add_typer(bench_app, name="bench")
 def bench_ingest(n: int = typer.Option(5000, "--n", min=1, help="Products published at once."),
                  trickle: int = typer.Option(100, help="Products then published one by one, for freshness."),
                  rate: float = typer.Option(10.0, help="Trickle rate, products/s."),
-                 state_dir: Path = typer.Option(None, help="Services' state (default: a temporary directory).")
+                 state_dir: Path = typer.Option(Path(".lookalike/bench-ingest"),
+                                                help="The bench's own services' state; wiped at start.")
                  ) -> None:
     """Ingest rate end to end vs embedding alone, freshness p50/p95/p99, shard vs raw FAISS, memory."""
     from ops.bench import ingest
@@ -371,6 +372,67 @@ def dlq_replay(offsets: list[int] = typer.Argument(None, help="DLQ offsets to re
         typer.confirm("Replay every dead letter?", abort=True)
     sent = dlq.replay(Settings(), set(offsets) if offsets else None)
     console.print(f"re-published {sent} event(s)")
+
+
+@bench_app.command("embed")
+def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
+                                               help="The bench's own services' state; wiped at start."),
+                job_batch: int = typer.Option(8, min=2, help="LOOKALIKE_JOB_BATCH_SIZE of the batching worker."),
+                job_wait_ms: float = typer.Option(None, help="LOOKALIKE_JOB_BATCH_WAIT_MS (default: the setting's)."),
+                jobs: int = typer.Option(12, min=1, help="Jobs per submitter per configuration."),
+                reps: int = typer.Option(5, min=1, help="Timings per batch size; the median is shown.")) -> None:
+    """Raw model forward vs the whole pipeline at batch 1/8/32 (and 128 on CUDA); jobs/s and latency
+    through Celery with and without micro-batching at 1, 4 and 16 submitters."""
+    import shutil
+
+    import torch
+
+    from ops import bench_embed as bench
+    from ops.bench_scale import machine
+    from ops.publish import publish, read_catalog
+    from workers import catalog
+
+    batches = [1, 8, 32] + ([128] if torch.cuda.is_available() else [])
+    console.print(f"raw forward vs pipeline, batches {batches}")
+    device, forward = bench.forward_rows(batches, reps, say=console.print)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    with running_system(state_dir, ["indexer"]) as env:  # the indexer is idle once the sample is in
+        import sqlalchemy as sa
+
+        from schemas.settings import IndexerSettings
+
+        settings = IndexerSettings()
+        events, errors = read_catalog(SAMPLE / "products.csv", SAMPLE / "images")
+        console.print(f"indexing the sample catalog ({len(events)} products) for the searches ...")
+        publish(settings.kafka_bootstrap, settings.products_topic, events)
+        engine = sa.create_engine(settings.database_url)
+        while catalog.count_vectors(engine, settings.model_version) < len(events):
+            time.sleep(0.5)
+        engine.dispose()
+        logs = state_dir / "bench-logs"
+        logs.mkdir(exist_ok=True)
+        console.print("through Celery (one worker, -P threads -c 2) ...")
+        if job_wait_ms is not None:
+            env["LOOKALIKE_JOB_BATCH_WAIT_MS"] = str(job_wait_ms)
+        rows = bench.celery_rows(env, logs, [1, job_batch], [1, 4, 16], jobs, say=console.print)
+    where = f"{machine()}, {device}"
+    table = Table(title=f"lookalike bench embed: {where}")
+    for column in ("batch", "raw forward img/s", "pipeline img/s", "pipeline / raw"):
+        table.add_column(column)
+    for row in forward:
+        table.add_row(str(row.batch), f"{row.raw_per_s:.1f}", f"{row.pipeline_per_s:.1f}",
+                      f"{row.pipeline_per_s / row.raw_per_s:.2f}")
+    console.print(table)
+    table = Table(title=f"jobs through Celery: {where}")
+    for column in ("submitters", "micro-batch", "jobs/s", "vs no batching", "p50 ms", "p95 ms", "jobs per batch",
+                   "failed"):
+        table.add_column(column)
+    base = {row.submitters: row for row in rows if row.batch_size == 1}
+    for row in sorted(rows, key=lambda r: (r.submitters, r.batch_size)):
+        table.add_row(str(row.submitters), "off" if row.batch_size == 1 else f"up to {row.batch_size}",
+                      f"{row.jobs_per_s:.1f}", f"{row.jobs_per_s / base[row.submitters].jobs_per_s:.2f}x",
+                      f"{row.p50_ms:.0f}", f"{row.p95_ms:.0f}", f"{row.mean_batch:.1f}", str(row.failed))
+    console.print(table)
 
 
 @bench_app.command("scale")

@@ -142,6 +142,12 @@ class WorkerSettings(ModelSettings, FetchSettings):
                                            "ones shipped in workers/models/.")
     auto_category_min_prob: float = Field(0.7, ge=0, le=1, description=(
         "`category: auto` searches within the most specific predicted level whose top probability is at least this."))
+    job_batch_size: int = Field(8, ge=1, le=256, description=(
+        "Micro-batch: most jobs run together (one segmentation, one forward pass of up to `embed_batch` "
+        "images at a time, one classification, one metadata query); 1 = no batching."))
+    job_batch_wait_ms: float = Field(10.0, gt=0, le=10_000, description=(
+        "Micro-batch: a batch smaller than `job_batch_size` is flushed at least this often."))
+    decode_threads: int = Field(2, ge=1, le=64, description="Threads fetching and decoding the images of a batch.")
 
 
 class IndexerSettings(ModelSettings, FetchSettings):

@@ -124,14 +124,20 @@ class Embedder:
         return np.concatenate([self._forward(images[i:i + self.max_batch])
                                for i in range(0, len(images), self.max_batch)])
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model alone on a preprocessed batch: (N, 3, 224, 224) channels_last, float32 on CPU
+        or bfloat16 on CUDA, on ``device`` -> pooled features (N, 1280), not normalised."""
+        self.load()
+        with torch.inference_mode():
+            return self._model(x)
+
     def _forward(self, images: list[np.ndarray]) -> np.ndarray:
         batch = np.stack([letterbox(image) for image in images])
         x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
         x = ((x.float() - MEAN_RGB) / STDDEV_RGB).contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             x = x.to(torch.bfloat16)
-        with torch.inference_mode():
-            features = self._model(x).float()
+        features = self.forward(x).float()
         metrics.EMBED_BATCH_IMAGES.observe(len(images))
         metrics.IMAGES_EMBEDDED.inc(len(images))
         return torch.nn.functional.normalize(features, dim=1).cpu().numpy()

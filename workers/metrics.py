@@ -39,6 +39,8 @@ JOBS = Counter("lookalike_worker_jobs_total",
 STAGE_SECONDS = Histogram("lookalike_worker_stage_seconds",
                           "Job time by stage: queue_wait (submitted to started), decode, embed, search, "
                           "join, total (submitted to done).", ["stage"], buckets=SECONDS_BUCKETS)
+BATCH_JOBS = Histogram("lookalike_worker_batch_jobs", "Jobs in one micro-batch of the worker (celery-batches).",
+                       buckets=COUNT_BUCKETS)
 SHARD_VECTORS = Gauge("lookalike_shard_vectors", "Vectors in this process's replica of a shard.", ["shard"])
 INDEXER_SHARD_VECTORS = Gauge("lookalike_indexer_shard_vectors",
                               "Vectors in a shard this indexer owns (the writer's copy; the workers' replicas "

@@ -6,14 +6,19 @@ model and one replica of every shard, and its threads share them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import redis
 import sqlalchemy as sa
 from celery import Celery, signals
+from celery_batches import Batches, SimpleRequest
+from pydantic import ValidationError
 
 from schemas.api import Box, Category, CategoryScore, EmbeddingResult, ProductHit, SearchResult
 from schemas.jobs import JobStore
@@ -35,17 +40,25 @@ HIT_FIELDS = ("title", "gender", "master_category", "sub_category", "article_typ
 app = Celery("lookalike", set_as_current=False)
 
 
+@functools.cache
+def worker_settings() -> WorkerSettings:
+    """This process's settings, read once, when first needed (not at import)."""
+    return WorkerSettings()
+
+
 @app.on_configure.connect
 def _configure(sender: Celery, **_) -> None:
     """Read settings when Celery first needs its configuration, not at import."""
-    settings = WorkerSettings()
+    settings = worker_settings()
     sender.conf.update(
         broker_url=settings.redis_url,
         task_default_queue=QUEUE_VISION,
         task_ignore_result=True,  # results live in the job store
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
+        # A micro-batch can only gather the messages the worker holds unacknowledged (acks_late):
+        # with -c threads, up to c x job_batch_size of them.
+        worker_prefetch_multiplier=settings.job_batch_size,
         broker_transport_options=transport_options(settings.visibility_timeout_s),
         broker_connection_retry_on_startup=True,
         accept_content=["json"],
@@ -66,100 +79,210 @@ class Runtime:
         self.heads = CategoryHeads(settings.heads_dir or DEFAULT_DIR)
         self.replica = Replica(settings, self.engine, self.store, self.embedder.dim)
         self.fetcher = Fetcher(settings)
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
     def start(self) -> None:
         self.embedder.load()
         self.heads.load()
         self.replica.start()
 
+    def run(self, jobs: list[Job]) -> list[Job]:
+        """Run a micro-batch of jobs, each to ``done`` or ``failed``, stage by stage: bytes and
+        decoding (a thread pool), then one segmentation, one forward pass (``embed_batch`` images
+        at a time), one classification, and one metadata query for all of them; searches and
+        result writes per job. A job whose input is refused, or whose own step fails, ends alone;
+        a batched step that fails is redone job by job, so one bad image fails only its own job.
+
+        Returns:
+            The jobs that met a transient error (PostgreSQL or Redis unavailable): not ended, to
+            be retried.
+        """
+        metrics.BATCH_JOBS.observe(len(jobs))
+        self._each(jobs, self._start, parallel=True)
+        self._stage([job for job in jobs if job.box is None and job.pixels is not None], "segment", self._segment)
+        self._stage([job for job in jobs if job.vector is None], "embed", self._embed)
+        searches = [job for job in jobs if isinstance(job.task, SearchTask)]
+        self._stage(searches, "classify", self._classify)
+        self._each(searches, self._search)
+        self._stage(searches, "join", self._join)
+        self._each(jobs, self._finish)
+        return [job for job in jobs if job.retry]
+
     def search(self, task: SearchTask) -> None:
-        """Run one job to ``done`` or ``failed``; never leaves it ``running``."""
-        timings: dict[str, float] = {}
-        started = self.store.running(task.job_id)
-        metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, started.updated_at - started.created_at))
-        queried = self.query_or_reject(task, timings)
-        if queried is None:
-            return
-        vector, box = queried
-        with _timed(timings, "classify"):
-            predicted = self.heads.predict(vector)[0]
-        category = task.category
-        if category == "auto":
-            chosen = auto_category(predicted, self.settings.auto_category_min_prob)
-            category = Category(level=chosen[0], value=chosen[1]) if chosen else None
-        with _timed(timings, "filter"):
-            allowed = catalog.matching_ids(self.engine, task.filters, category)
-            excluded = np.array([*task.exclude_ids, *([task.product_id] if task.product_id else [])], dtype=np.int64)
-        with _timed(timings, "search"):
-            scores, ids = self.replica.shards.search(vector, task.k, allowed=allowed, excluded=excluded)
-        with _timed(timings, "join"):
-            found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-            rows = catalog.fetch_products(self.engine, [i for i, _ in found])
-        hits = [ProductHit(product_id=i, score=s, image_url=rows[i].image_url or f"/v1/products/{i}/image",
-                           **{f: getattr(rows[i], f) for f in HIT_FIELDS})
-                for i, s in found if i in rows]
-        categories = {level: [CategoryScore(label=label, prob=prob) for label, prob in top]
-                      for level, top in predicted.items()}
-        result = SearchResult(model_version=self.embedder.model_version, box=box, products=hits,
-                              categories=categories, category=category)
-        done = self.store.done(task.job_id, result, timings)
-        metrics.JOBS.labels("done", "").inc()
-        metrics.STAGE_SECONDS.labels("total").observe(max(0.0, done.updated_at - done.created_at))
+        """Run one search job (a micro-batch of one); a transient error propagates."""
+        self._single(task)
 
     def embed(self, task: EmbedTask) -> None:
-        """Run one embedding job to ``done`` (with the vector) or ``failed``."""
-        timings: dict[str, float] = {}
-        self.store.running(task.job_id)
-        queried = self.query_or_reject(task, timings)
-        if queried is None:
-            return
-        vector, box = queried
-        result = EmbeddingResult(model_version=self.embedder.model_version, box=box, dim=vector.shape[1],
-                                 vector=vector[0].tolist())
-        self.store.done(task.job_id, result, timings)
-        metrics.JOBS.labels("done", "").inc()
+        """Run one embedding job (a micro-batch of one); a transient error propagates."""
+        self._single(task)
 
-    def query_or_reject(self, task: SearchTask | EmbedTask, timings: dict[str, float]
-                        ) -> tuple[np.ndarray, Box | None] | None:
-        """:meth:`query`, or None after ending the job ``failed`` with the reason of its invalid input."""
-        try:
-            return self.query(task, timings)
-        except InvalidInput as exc:
-            self.store.failed(task.job_id, exc.code, exc.message, timings)
-            metrics.JOBS.labels("failed" if isinstance(exc, UploadExpired) else "rejected", exc.code).inc()
-            return None
+    def _single(self, task: SearchTask | EmbedTask) -> None:
+        job = Job(task)
+        if self.run([job]):
+            raise job.retry
 
-    def query(self, task: SearchTask | EmbedTask, timings: dict[str, float]) -> tuple[np.ndarray, Box | None]:
-        """The query vector, float32 (1, D) L2-normalised, and the box of the image it came from.
+    # -- stages: each takes the jobs still live, sets their fields, and may raise ---------------
+
+    def _start(self, job: Job) -> None:
+        """Mark the job running; the query's pixels (decoded, cropped when a box was given) or,
+        for a product id, its stored vector.
 
         Raises:
             UploadExpired: the upload left Redis before a worker took it.
-            InvalidInput: the image was refused (``ImageRejected`` and its subclasses: fetch, decode,
-                crop), or the product has no vector (``unknown_product``).
+            InvalidInput: the image was refused (fetch, decode, crop), or the product has no vector.
         """
+        task = job.task
+        started = self.store.running(task.job_id)
+        metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, started.updated_at - started.created_at))
         if getattr(task, "product_id", None) is not None:
             vector = catalog.fetch_vector(self.engine, task.product_id, self.embedder.model_version)
             if vector is None:
                 raise InvalidInput(f"product {task.product_id} is not in the catalog or has no vector of model "
                                    f"{self.embedder.model_version} yet; try again once it is indexed",
                                    "unknown_product")
-            return vector[None, :], None
+            job.vector = vector[None, :]
+            return
         if task.image_url is not None:
-            with _timed(timings, "fetch"):
+            with _timed(job.timings, "fetch"):
                 data = self.fetcher.fetch(task.image_url)
         else:
             data = self.store.take_upload(task.job_id)
             if data is None:
                 raise UploadExpired("the uploaded image expired before a worker took it; submit the job again")
-        with _timed(timings, "decode"):
-            pixels = decode(data, self.settings.max_pixels)
-        with _timed(timings, "segment"):  # a caller's crop box wins over segmentation
-            if task.crop is None and self.segmenter is not None:
-                pixels, box = self.segmenter.crop_all([pixels])[0]
-            else:
-                pixels, box = crop(pixels, task.crop)
-        with _timed(timings, "embed"):
-            return self.embedder.embed([pixels]), box
+        with _timed(job.timings, "decode"):
+            job.pixels = decode(data, self.settings.max_pixels)
+        if task.crop is not None or self.segmenter is None:  # a caller's crop box wins over segmentation
+            job.pixels, job.box = crop(job.pixels, task.crop)
+
+    def _segment(self, jobs: list[Job]) -> None:
+        for job, (pixels, box) in zip(jobs, self.segmenter.crop_all([job.pixels for job in jobs])):
+            job.pixels, job.box = pixels, box
+
+    def _embed(self, jobs: list[Job]) -> None:
+        for job, vector in zip(jobs, self.embedder.embed([job.pixels for job in jobs])):
+            job.vector = vector[None, :]
+
+    def _classify(self, jobs: list[Job]) -> None:
+        for job, predicted in zip(jobs, self.heads.predict(np.concatenate([job.vector for job in jobs]))):
+            job.predicted = predicted
+
+    def _search(self, job: Job) -> None:
+        task = job.task
+        category = task.category
+        if category == "auto":
+            chosen = auto_category(job.predicted, self.settings.auto_category_min_prob)
+            category = Category(level=chosen[0], value=chosen[1]) if chosen else None
+        job.category = category
+        with _timed(job.timings, "filter"):
+            allowed = catalog.matching_ids(self.engine, task.filters, category)
+            excluded = np.array([*task.exclude_ids, *([task.product_id] if task.product_id else [])], dtype=np.int64)
+        with _timed(job.timings, "search"):
+            scores, ids = self.replica.shards.search(job.vector, task.k, allowed=allowed, excluded=excluded)
+        job.found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def _join(self, jobs: list[Job]) -> None:
+        rows = catalog.fetch_products(self.engine, sorted({i for job in jobs for i, _ in job.found}))
+        for job in jobs:
+            job.hits = [ProductHit(product_id=i, score=s, image_url=rows[i].image_url or f"/v1/products/{i}/image",
+                                   **{f: getattr(rows[i], f) for f in HIT_FIELDS})
+                        for i, s in job.found if i in rows]
+
+    def _finish(self, job: Job) -> None:
+        task, version = job.task, self.embedder.model_version
+        if isinstance(task, EmbedTask):
+            result = EmbeddingResult(model_version=version, box=job.box, dim=job.vector.shape[1],
+                                     vector=job.vector[0].tolist())
+        else:
+            categories = {level: [CategoryScore(label=label, prob=prob) for label, prob in top]
+                          for level, top in job.predicted.items()}
+            result = SearchResult(model_version=version, box=job.box, products=job.hits,
+                                  categories=categories, category=job.category)
+        done = self.store.done(task.job_id, result, job.timings)
+        job.ended = True
+        metrics.JOBS.labels("done", "").inc()
+        if isinstance(task, SearchTask):
+            metrics.STAGE_SECONDS.labels("total").observe(max(0.0, done.updated_at - done.created_at))
+
+    # -- running stages: errors end the job they belong to -------------------------------------
+
+    def _each(self, jobs: list[Job], step, parallel: bool = False) -> None:
+        """``step(job)`` for each live job (in the decode pool when ``parallel``); a job whose step
+        raises ends with why (:meth:`_end`)."""
+        live = [job for job in jobs if job.live]
+        if parallel and len(live) > 1:
+            outcomes = list(self.pool.map(lambda job: _outcome(step, job), live))
+        else:
+            outcomes = [_outcome(step, job) for job in live]
+        for job, exc in zip(live, outcomes):
+            if exc is not None:
+                self._end(job, exc)
+
+    def _stage(self, jobs: list[Job], stage: str, step) -> None:
+        """``step(live jobs)`` once for the batch (the jobs that take part in the stage), its time in
+        each job's ``timings[stage]``; if it raises, it is redone job by job so only the jobs whose
+        own input fails end."""
+        live = [job for job in jobs if job.live]
+        if not live:
+            return
+        started = time.perf_counter()
+        exc = _outcome(step, live)
+        if exc is not None and len(live) > 1:
+            log.warning("%s of a batch of %d failed (%s); redoing it job by job", stage, len(live), exc)
+            self._each(live, lambda job: step([job]))
+        elif exc is not None:
+            self._end(live[0], exc)
+        elapsed = time.perf_counter() - started
+        for job in live:
+            job.timings[stage] = elapsed
+            metrics.STAGE_SECONDS.labels(stage).observe(elapsed)
+
+    def _end(self, job: Job, exc: BaseException) -> None:
+        """End ``job`` because of ``exc``: ``failed`` with the reason of an invalid input or of a
+        worker error, or marked for retry after a transient error."""
+        if isinstance(exc, TRANSIENT):
+            job.retry = exc
+            return
+        if isinstance(exc, InvalidInput):
+            code, message = exc.code, exc.message
+            metrics.JOBS.labels("failed" if isinstance(exc, UploadExpired) else "rejected", code).inc()
+        else:
+            log.error("job %s failed", job.task.job_id, exc_info=exc)
+            code, message = "internal", f"the worker failed: {type(exc).__name__}: {exc}"
+            metrics.JOBS.labels("failed", code).inc()
+        job.ended = True
+        try:
+            self.store.failed(job.task.job_id, code, message, job.timings)
+        except TRANSIENT as lost:
+            job.retry, job.ended = lost, False
+
+
+@dataclass(eq=False)
+class Job:
+    """One job of a micro-batch as it moves through :meth:`Runtime.run`."""
+
+    task: SearchTask | EmbedTask
+    timings: dict[str, float] = field(default_factory=dict)
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3) RGB: decoded, then cropped
+    box: Box | None = None  # the part of the upload that was embedded
+    vector: np.ndarray | None = None  # float32 (1, 1280), L2-normalised
+    predicted: dict = field(default_factory=dict)  # level -> [(label, prob)], of CategoryHeads.predict
+    category: Category | None = None  # the search was restricted to it
+    found: list[tuple[int, float]] = field(default_factory=list)  # (product id, score), best first
+    hits: list[ProductHit] = field(default_factory=list)
+    ended: bool = False  # done or failed, written to the job store
+    retry: BaseException | None = None  # the transient error that stopped it
+
+    @property
+    def live(self) -> bool:
+        return not self.ended and self.retry is None
+
+
+def _outcome(step, arg) -> BaseException | None:
+    try:
+        step(arg)
+    except Exception as exc:  # the stage runners decide what it means for the job
+        return exc
+    return None
 
 
 def crop(pixels: np.ndarray, box: Box | None) -> tuple[np.ndarray, Box]:
@@ -206,7 +329,7 @@ def runtime() -> Runtime:
     global _runtime
     with _runtime_lock:
         if _runtime is None:
-            rt = Runtime(WorkerSettings())
+            rt = Runtime(worker_settings())
             rt.start()
             _runtime = rt
         return _runtime
@@ -223,38 +346,78 @@ def _shut_down(**_) -> None:
     if _runtime is not None:
         _runtime.replica.stop()
         _runtime.fetcher.close()
+        _runtime.pool.shutdown()
 
 
 TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError, redis.ConnectionError, redis.TimeoutError)
 
 
-@app.task(name=TASK_SEARCH, bind=True, max_retries=3)
-def search(self, payload: dict) -> None:
-    """Celery task ``lookalike.search``: payload is a :class:`schemas.tasks.SearchTask` as a dict."""
-    task = SearchTask.model_validate(payload)
-    _run(self, task.job_id, lambda rt: rt.search(task))
+class JobBatches(Batches):
+    """A Celery task run on micro-batches of its messages (celery-batches): a batch flushes when
+    ``job_batch_size`` messages are buffered, or every ``job_batch_wait_ms``, whichever is first.
+    Read from the settings when the worker starts consuming, not at import."""
+
+    max_retries = 3
+
+    @property
+    def flush_every(self) -> int:
+        return worker_settings().job_batch_size
+
+    @property
+    def flush_interval(self) -> float:
+        return worker_settings().job_batch_wait_ms / 1000
 
 
-@app.task(name=TASK_EMBED, bind=True, max_retries=3)
-def embed(self, payload: dict) -> None:
-    """Celery task ``lookalike.embed``: payload is a :class:`schemas.tasks.EmbedTask` as a dict."""
-    task = EmbedTask.model_validate(payload)
-    _run(self, task.job_id, lambda rt: rt.embed(task))
+@app.task(name=TASK_SEARCH, base=JobBatches)
+def search(requests: list[SimpleRequest]) -> None:
+    """Celery task ``lookalike.search``; each message's payload is a :class:`schemas.tasks.SearchTask` as a dict."""
+    _run_batch(search, SearchTask, requests)
 
 
-def _run(celery_task, job_id: str, job) -> None:
-    """The job boundary: retry transient failures, and whatever else goes wrong, end the job with why."""
+@app.task(name=TASK_EMBED, base=JobBatches)
+def embed(requests: list[SimpleRequest]) -> None:
+    """Celery task ``lookalike.embed``; each message's payload is a :class:`schemas.tasks.EmbedTask` as a dict."""
+    _run_batch(embed, EmbedTask, requests)
+
+
+def _run_batch(celery_task: JobBatches, model: type[SearchTask] | type[EmbedTask],
+               requests: list[SimpleRequest]) -> None:
+    """The job boundary: run a micro-batch; send a job that met a transient error back to the
+    queue (backing off 1, 2, 4 s) up to ``max_retries`` times, then end it ``unavailable``; if the
+    batch itself breaks, end every job it did not end, with why. Never raises."""
     rt = runtime()
+    jobs, payloads = [], {}
+    for request in requests:
+        payload = request.args[0] if request.args else request.kwargs.get("payload")
+        try:
+            job = Job(model.model_validate(payload))
+        except ValidationError as exc:
+            job_id = payload.get("job_id") if isinstance(payload, dict) else None
+            log.error("message %s is not a valid %s: %s", request.id, model.__name__, exc)
+            if isinstance(job_id, str):
+                _fail(rt, job_id, "internal", f"the job's message was not valid: {exc}")
+            continue
+        jobs.append(job)
+        payloads[id(job)] = (request, payload)
     try:
-        job(rt)
-    except TRANSIENT as exc:
-        if celery_task.request.retries < celery_task.max_retries:
-            log.warning("job %s: transient error, retrying: %s", job_id, exc)
-            raise celery_task.retry(exc=exc, countdown=2 ** celery_task.request.retries) from None
-        _fail(rt, job_id, "unavailable", f"a backing service was unavailable after retries: {exc}")
-    except Exception as exc:  # the job boundary: whatever went wrong, the job must end, with why
-        log.exception("job %s failed", job_id)
-        _fail(rt, job_id, "internal", f"the worker failed: {type(exc).__name__}: {exc}")
+        retry = rt.run(jobs)
+    except Exception as exc:  # a bug in the batch runner: no job may stay `running`
+        log.exception("a batch of %d jobs failed", len(jobs))
+        for job in jobs:
+            if not job.ended:
+                _fail(rt, job.task.job_id, "internal", f"the worker failed: {type(exc).__name__}: {exc}")
+        return
+    for job in retry:
+        request, payload = payloads[id(job)]
+        retries = int((request.request_dict or {}).get("retries") or 0)
+        if retries >= celery_task.max_retries:
+            _fail(rt, job.task.job_id, "unavailable", f"a backing service was unavailable after retries: {job.retry}")
+            continue
+        log.warning("job %s: transient error, retrying: %s", job.task.job_id, job.retry)
+        try:
+            celery_task.apply_async(args=[payload], task_id=request.id, countdown=2 ** retries, retries=retries + 1)
+        except Exception as exc:  # the broker is Redis too: if it is down, the job cannot go back
+            _fail(rt, job.task.job_id, "unavailable", f"could not requeue after a transient error ({exc})")
 
 
 def _fail(rt: Runtime, job_id: str, code: str, message: str) -> None:

@@ -229,3 +229,61 @@ def test_an_embedding_job_returns_the_vector_the_catalog_would_store(runtime, in
     runtime.embed(EmbedTask(job_id=job_id, crop=Box(x=0, y=0, w=9999, h=10)))
     status = runtime.store.get(job_id)
     assert status.status == "failed" and status.error.code == "crop_outside_image"
+
+
+def test_a_micro_batch_gives_each_job_its_own_answer_and_a_bad_job_fails_alone(runtime, indexed, monkeypatch):
+    from workers.tasks import Job
+
+    ids = list(indexed)
+    alone = [run(runtime, photo(i))["result"] for i in ids[:3]]
+    tasks = []
+    for image, options in [(photo(ids[0]), {}), (b"GIF89a not really", {}), (photo(ids[1]), {"k": 3}),
+                           (None, {}),  # no upload in Redis: expired
+                           (None, {"product_id": ids[4]}), (photo(ids[2]), {"crop": Box(x=0, y=0, w=9999, h=9)}),
+                           (photo(ids[2]), {})]:
+        job_id = new_job_id()
+        runtime.store.create(job_id, image)
+        tasks.append(SearchTask(job_id=job_id, **{"k": 5, **options}))
+    tasks.insert(3, EmbedTask(job_id=new_job_id()))
+    runtime.store.create(tasks[3].job_id, photo(ids[1]))
+    forward = []
+    embed = runtime.embedder.embed
+    monkeypatch.setattr(runtime.embedder, "embed", lambda images: forward.append(len(images)) or embed(images))
+
+    assert runtime.run([Job(task) for task in tasks]) == []
+    got = [runtime.store.get(task.job_id) for task in tasks]
+    assert [s.status.value for s in got] == ["done", "failed", "done", "done", "failed", "done", "failed", "done"]
+    assert [s.error.code for s in got if s.error] == ["corrupt", "upload_expired", "crop_outside_image"]
+    assert forward == [4]  # one forward pass for the four images that reached the model
+    for status, expected in zip([got[0], got[7]], [alone[0], alone[2]]):  # as when run alone
+        assert [h.product_id for h in status.result.products] == [h["product_id"] for h in expected["products"]]
+        np.testing.assert_allclose([h.score for h in status.result.products],
+                                   [h["score"] for h in expected["products"]], atol=1e-5)  # batch vs single forward
+    assert [h.product_id for h in got[2].result.products] == [h["product_id"] for h in alone[1]["products"][:3]]
+    assert float(np.array(got[3].result.vector) @ indexed[ids[1]][1]) > 0.9999
+    assert ids[4] not in [h.product_id for h in got[5].result.products]  # more like this excludes itself
+    assert got[5].result.products[0].product_id == brute_force(indexed, indexed[ids[4]][1], 2, lambda e: True)[1]
+
+
+def test_a_batched_stage_that_fails_is_redone_job_by_job(runtime, indexed, monkeypatch):
+    from workers.tasks import Job
+
+    ids = list(indexed)
+    poisoned = decode(photo(ids[1]), 1 << 24)
+    crop_all = runtime.segmenter.crop_all
+
+    def fails_on_one_image(images):  # stands for an image the segmenter cannot take
+        if any(np.array_equal(image, poisoned) for image in images):
+            raise RuntimeError("cannot segment this image")
+        return crop_all(images)
+
+    monkeypatch.setattr(runtime.segmenter, "crop_all", fails_on_one_image)
+    tasks = []
+    for i in ids[:3]:
+        tasks.append(SearchTask(job_id=new_job_id(), k=5))
+        runtime.store.create(tasks[-1].job_id, photo(i))
+    assert runtime.run([Job(task) for task in tasks]) == []
+    got = [runtime.store.get(task.job_id) for task in tasks]
+    assert [s.status.value for s in got] == ["done", "failed", "done"]
+    assert got[1].error.code == "internal" and "cannot segment this image" in got[1].error.message
+    assert [s.result.products[0].product_id for s in (got[0], got[2])] == [ids[0], ids[2]]

@@ -1,0 +1,191 @@
+"""``lookalike bench embed``: the vision pipeline against the model alone, and micro-batching.
+
+Measured in one run on the current device (CUDA when present), medians of ``reps`` runs:
+
+- *raw forward*: the model (as the workers run it: traced and frozen channels_last on CPU,
+  bfloat16 on CUDA) on a ready-made float batch of N, N = 1, 8, 32 (and 128 on CUDA);
+- *pipeline*: N real catalog photos (JPEG bytes of ../shared/data/fashion-product-images) through
+  what a micro-batch of N jobs does to them: decode (the worker's thread pool), segmentation,
+  letterbox and embedding in one forward pass of N, category heads; the ratio pipeline / raw;
+- *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
+  sample catalog; S submitters (1, 4, 16) each submit a photo through the HTTP API, poll it to
+  ``done`` and submit the next; jobs/s and latency p50/p95 (the job's own created-to-done times),
+  with micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``) and on (the size given).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ops.bench import DATA
+
+
+@dataclass
+class ForwardRow:
+    batch: int
+    raw_per_s: float
+    pipeline_per_s: float
+
+
+@dataclass
+class CeleryRow:
+    batch_size: int  # LOOKALIKE_JOB_BATCH_SIZE; 1 = no micro-batching
+    submitters: int
+    jobs_per_s: float
+    p50_ms: float
+    p95_ms: float
+    mean_batch: float  # jobs per micro-batch, from the worker's lookalike_worker_batch_jobs
+    failed: int
+
+
+def photos(n: int) -> list[bytes]:
+    """JPEG bytes of the first ``n`` 224 px catalog photos."""
+    found = []
+    with tarfile.open(DATA / "images-224.tar") as tar:
+        for member in tar:
+            if member.name.endswith(".jpg"):
+                found.append(tar.extractfile(member).read())
+                if len(found) == n:
+                    break
+    return found
+
+
+def forward_rows(batches: list[int], reps: int, say=print) -> tuple[str, list[ForwardRow]]:
+    """(device, rows): raw forward and pipeline images/s at each batch size."""
+    import torch
+
+    from schemas.settings import WorkerSettings
+    from workers.classify import DEFAULT_DIR, CategoryHeads
+    from workers.decode import decode
+    from workers.embed import INPUT_PX, Embedder
+    from workers.segment import Segmenter
+
+    settings = WorkerSettings()
+    heads = CategoryHeads(DEFAULT_DIR)
+    heads.load()
+    data = photos(max(batches) * 2)
+    pool = ThreadPoolExecutor(settings.decode_threads)
+    rows = []
+    for n in batches:
+        embedder = Embedder(settings.model_version, settings.device, settings.torch_threads, max_batch=n)
+        embedder.load()
+        segmenter = Segmenter(embedder.device)
+        dtype = torch.bfloat16 if embedder.device.type == "cuda" else torch.float32
+        x = torch.randn(n, 3, INPUT_PX, INPUT_PX, device=embedder.device, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        rounds = max(2, 64 // n)  # at least 64 images per timing at small batches
+
+        def raw() -> None:
+            for _ in range(rounds):
+                embedder.forward(x)
+            if embedder.device.type == "cuda":
+                torch.cuda.synchronize()
+
+        def pipeline() -> None:
+            for r in range(rounds):
+                chunk = [data[(r * n + i) % len(data)] for i in range(n)]
+                pixels = list(pool.map(lambda b: decode(b, settings.max_pixels), chunk))
+                crops = [crop for crop, _ in segmenter.crop_all(pixels)]
+                heads.predict(embedder.embed(crops))
+
+        raw(), pipeline()  # warm up (tracing specialises to the batch shape)
+        raw_s, pipe_s = [], []
+        for _ in range(reps):  # interleaved, so the machine's noise hits both alike
+            start = time.perf_counter()
+            raw()
+            raw_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            pipeline()
+            pipe_s.append(time.perf_counter() - start)
+        row = ForwardRow(n, rounds * n / statistics.median(raw_s), rounds * n / statistics.median(pipe_s))
+        say(f"  batch {n}: raw {row.raw_per_s:.1f} img/s, pipeline {row.pipeline_per_s:.1f} img/s")
+        rows.append(row)
+    pool.shutdown()
+    return str(embedder.device), rows
+
+
+def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], submitters: list[int],
+                jobs_per_submitter: int, say=print) -> list[CeleryRow]:
+    """Jobs/s and latency through the gateway and one worker, per batch size and submitter count."""
+    import httpx
+
+    from ops.bench_scale import BIN, SAMPLE, Proc, sample_value
+    from ops.stack import free_port
+
+    queries = [p.read_bytes() for p in sorted((SAMPLE / "queries").glob("*.jpg"))]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = Proc([str(BIN / "uvicorn"), "--factory", "gateway.app:create_app", "--port", str(port)],
+                   {**env, "LOOKALIKE_MAX_QUEUE_DEPTH": "0"}, log_dir / "web.log")
+    rows = []
+    try:
+        gateway.wait(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, "the gateway")
+        for size in batch_sizes:
+            worker = Proc([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", "vision", "-P", "threads",
+                           "-c", "2", "-n", f"bench-embed-{size}@%h", "--loglevel", "WARNING"],
+                          {**env, "LOOKALIKE_JOB_BATCH_SIZE": str(size)}, log_dir / f"worker-batch-{size}.log")
+            try:
+                worker.wait(lambda: worker.metrics() is not None, "a worker")
+                _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)  # warm up
+                for s in submitters:
+                    before = worker.metrics()
+                    elapsed, latencies, failed = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s,
+                                                         jobs_per_submitter)
+                    after = worker.metrics()
+                    count = (sample_value(after, "lookalike_worker_batch_jobs_count")
+                             - sample_value(before, "lookalike_worker_batch_jobs_count"))
+                    total = (sample_value(after, "lookalike_worker_batch_jobs_sum")
+                             - sample_value(before, "lookalike_worker_batch_jobs_sum"))
+                    p50, p95 = np.percentile(latencies, [50, 95]) * 1000
+                    row = CeleryRow(size, s, len(latencies) / elapsed, p50, p95, total / max(count, 1), failed)
+                    say(f"  job batch {size}, {s} submitter(s): {row.jobs_per_s:.1f} jobs/s, p50 {p50:.0f} ms, "
+                        f"p95 {p95:.0f} ms, {row.mean_batch:.1f} jobs per micro-batch, {failed} failed")
+                    rows.append(row)
+            finally:
+                worker.stop()
+    finally:
+        gateway.stop()
+    return rows
+
+
+def _submit(url: str, redis_url: str, queries: list[bytes], submitters: int, each: int
+            ) -> tuple[float, list[float], int]:
+    """``submitters`` threads, each submitting ``each`` jobs one after another: POST the photo,
+    watch the job's status in Redis every 5 ms until it ends, submit the next. Returns (elapsed s,
+    created-to-done seconds of every job that ended done, jobs failed)."""
+    import httpx
+    import redis
+
+    from schemas.api import JobStatus
+    from schemas.jobs import job_key
+
+    client = redis.Redis.from_url(redis_url)
+
+    def one_submitter(k: int) -> list[float | None]:
+        out = []
+        with httpx.Client(timeout=30) as http:
+            for i in range(each):
+                photo = queries[(k * each + i) % len(queries)]
+                job_id = http.post(f"{url}/v1/jobs", files={"image": ("q.jpg", photo)}).json()["job_id"]
+                while True:  # the status JSON is compact: check for the end before parsing it
+                    raw = client.get(job_key(job_id)) or b""
+                    if b'"status":"done"' in raw or b'"status":"failed"' in raw:
+                        break
+                    time.sleep(0.005)
+                status = JobStatus.model_validate_json(raw)
+                out.append(status.updated_at - status.created_at if status.status.value == "done" else None)
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(submitters) as pool:
+        results = [t for ts in pool.map(one_submitter, range(submitters)) for t in ts]
+    elapsed = time.perf_counter() - start
+    client.close()
+    return elapsed, [t for t in results if t is not None], sum(t is None for t in results)
