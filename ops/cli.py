@@ -289,18 +289,23 @@ def train(images: list[Path] = typer.Option(..., exists=True, file_okay=False,
           cache: Path = typer.Option(Path(".lookalike/features"), help="Feature cache, one folder per --images."),
           hidden: int = typer.Option(1024, min=0, help="Shared hidden layer width (0: linear heads)."),
           min_count: int = typer.Option(10, min=1, help="Labels with fewer training photos fold into 'other'."),
-          device: str = typer.Option("auto", help="Backbone device: auto, cpu, cuda.")) -> None:
+          device: str = typer.Option("auto", help="Backbone device: auto, cpu, cuda."),
+          segment: bool = typer.Option(True, help="Crop to the product first, as workers with LOOKALIKE_SEGMENT do.")
+          ) -> None:
     """Train the category heads on a catalog's photos; products with id % 10 == 0 are held out."""
     import json
     import logging
 
     from workers.embed import Embedder
+    from workers.segment import Segmenter, segmented
     from workers.train import extract_features, read_styles, train as train_heads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     embedder = Embedder("train", device)
-    sources = {d.name: extract_features(d, cache / d.name, embedder.embed) for d in images}
-    metrics = train_heads(sources, read_styles(styles), out, hidden=hidden, min_count=min_count)
+    embed = segmented(embedder.embed, Segmenter(embedder.device) if segment else None)
+    suffix = "-segmented" if segment else ""
+    sources = {d.name: extract_features(d, cache / f"{d.name}{suffix}", embed) for d in images}
+    metrics = train_heads(sources, read_styles(styles), out, hidden=hidden, min_count=min_count, segmented=segment)
     console.print_json(json.dumps(metrics["validation"]))
 
 
@@ -312,7 +317,10 @@ def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay
                  heads: Path = typer.Option(None, exists=True, file_okay=False, help="Heads (default: shipped)."),
                  cache: Path = typer.Option(None, file_okay=False,
                                             help="Catalog features from `lookalike train --cache` (per folder)."),
-                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+                 segment: bool = typer.Option(True, help="Crop to the product first, as workers with "
+                                                         "LOOKALIKE_SEGMENT do (and as the --cache was made).")
+                 ) -> None:
     """Search every query photo in an in-memory index of the catalog photos; print precision@k,
     exact-product recall, the heads' category accuracy and images/s."""
     import json
@@ -321,7 +329,7 @@ def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay
     from workers.evaluate import evaluate
 
     result = evaluate(catalog_images, styles, queries, k, heads=CategoryHeads(heads) if heads else None,
-                      catalog_cache=cache)
+                      catalog_cache=cache, segment=segment)
     if as_json:
         print(json.dumps(result))
         return

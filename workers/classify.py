@@ -23,7 +23,7 @@ import torch
 
 LEVELS = ("master_category", "sub_category", "article_type")
 OTHER = "other"
-DEFAULT_DIR = Path(__file__).resolve().parent / "models" / "heads-v1"
+DEFAULT_DIR = Path(__file__).resolve().parent / "models" / "heads-v2"
 TOP = 3
 
 
@@ -64,7 +64,7 @@ class CategoryHeads:
 
     @property
     def version(self) -> str:
-        """The heads' name, e.g. ``heads-v1`` (the directory's name)."""
+        """The heads' name, e.g. ``heads-v2`` (the directory's name)."""
         return self.directory.name
 
     def load(self) -> None:

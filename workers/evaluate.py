@@ -1,7 +1,7 @@
 """Retrieval and category quality on a user's own catalog (``lookalike eval``).
 
 The catalog photos go into an in-memory exact inner-product index (``faiss.IndexFlatIP``, id =
-file stem); every query photo goes through the worker's pipeline (decode -> embed -> classify)
+file stem); every query photo goes through the worker's pipeline (decode -> segment -> embed -> classify)
 and is searched in it. Labels come from a ``styles.csv``-like file (``id`` plus the
 ``masterCategory``, ``subCategory``, ``articleType`` columns).
 """
@@ -17,6 +17,7 @@ import numpy as np
 from workers.classify import LEVELS, CategoryHeads
 from workers.decode import decode
 from workers.embed import Embedder
+from workers.segment import Segmenter, segmented
 from workers.train import MAX_PIXELS, load_cache, read_styles
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -28,19 +29,21 @@ def photos(directory: Path) -> list[Path]:
                   key=lambda p: int(p.stem))
 
 
-def pipeline(paths: list[Path], embedder: Embedder, heads: CategoryHeads | None,
+def pipeline(paths: list[Path], embedder: Embedder, heads: CategoryHeads | None, segment: bool = True,
              threads: int = 2, chunk: int = 256) -> tuple[np.ndarray, list[dict]]:
-    """Decode (in a thread pool, ``chunk`` photos at a time), embed and classify, as the worker does.
+    """Decode (in a thread pool, ``chunk`` photos at a time), segment (unless ``segment`` is False),
+    embed and classify, as the worker does.
 
     Returns:
         float32 (N, 1280) L2-normalised vectors, and per photo ``{level: [(label, prob), ...]}``
         (empty dicts without heads).
     """
     vectors, predicted = [np.zeros((0, embedder.dim), np.float32)], []
+    embed = segmented(embedder.embed, Segmenter(embedder.device) if segment else None)
     with ThreadPoolExecutor(threads) as pool:
         for n in range(0, len(paths), chunk):
             part = paths[n:n + chunk]
-            v = embedder.embed(list(pool.map(lambda p: decode(p.read_bytes(), MAX_PIXELS), part)))
+            v = embed(list(pool.map(lambda p: decode(p.read_bytes(), MAX_PIXELS), part)))
             vectors.append(v)
             predicted += heads.predict(v) if heads is not None else [{} for _ in part]
     return np.concatenate(vectors), predicted
@@ -48,7 +51,7 @@ def pipeline(paths: list[Path], embedder: Embedder, heads: CategoryHeads | None,
 
 def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
              embedder: Embedder | None = None, heads: CategoryHeads | None = None,
-             catalog_cache: Path | None = None) -> dict:
+             catalog_cache: Path | None = None, segment: bool = True) -> dict:
     """Search every query photo in the catalog's photos and score the results against the labels.
 
     Args:
@@ -57,14 +60,16 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
         k: Results per query.
         embedder: Default: EfficientNet-Lite0 on CPU/CUDA (``auto``). heads: Default: the shipped heads.
         catalog_cache: Take the catalog's features from there where present (a folder of ``lookalike train
-            --cache``, :func:`workers.train.extract_features`); the queries always run the whole pipeline.
+            --cache``, :func:`workers.train.extract_features`, made with the same ``segment``); the queries
+            always run the whole pipeline.
+        segment: Crop photos to the product before embedding, as a worker with ``LOOKALIKE_SEGMENT`` does.
 
     Returns:
         ``precision_at_k``: ``{level: mean fraction of the top k with the query's label}``;
         ``exact_recall_at_1`` / ``exact_recall_at_k``: fraction of queries whose id is in the catalog
         found first / in the top k (None when no query id is in the catalog);
         ``category_accuracy``: ``{level: top-1 accuracy of the heads}``; ``images_per_s``: query photos
-        through decode + embed + classify per second of wall time; ``n_queries``, ``n_catalog``, ``k``.
+        through decode + segment + embed + classify per second of wall time; ``n_queries``, ``n_catalog``, ``k``.
     """
     import faiss
 
@@ -83,11 +88,11 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
     have = set(cached_ids[keep].tolist())
     missing = [p for p, i in zip(catalog_paths, catalog_ids) if i not in have]
     if missing:
-        index.add_with_ids(pipeline(missing, embedder, None)[0], np.array([int(p.stem) for p in missing]))
+        index.add_with_ids(pipeline(missing, embedder, None, segment)[0], np.array([int(p.stem) for p in missing]))
     heads.load()
     embedder.load()
     start = time.perf_counter()
-    vectors, predicted = pipeline(query_paths, embedder, heads)
+    vectors, predicted = pipeline(query_paths, embedder, heads, segment)
     images_per_s = len(query_paths) / max(time.perf_counter() - start, 1e-9)
     _, found = index.search(vectors, k)
 

@@ -26,6 +26,7 @@ the box; the embedder then pads the crop to a square with white, so the aspect i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,3 +193,13 @@ def overlay(image: np.ndarray, segment: Segment) -> np.ndarray:
     out[b.y:b.y + t, b.x:b.x + b.w] = out[b.y + b.h - t:b.y + b.h, b.x:b.x + b.w] = colour
     out[b.y:b.y + b.h, b.x:b.x + t] = out[b.y:b.y + b.h, b.x + b.w - t:b.x + b.w] = colour
     return out
+
+
+def segmented(embed: Callable[[list[np.ndarray]], np.ndarray], segmenter: Segmenter | None
+              ) -> Callable[[list[np.ndarray]], np.ndarray]:
+    """``embed`` preceded by cropping each image to its product: the vector function of a model
+    version that segments (``LOOKALIKE_SEGMENT``, as the worker and the indexer do); ``embed``
+    itself when ``segmenter`` is None. Images: N uint8 (H, W, 3) RGB -> float32 (N, D)."""
+    if segmenter is None:
+        return embed
+    return lambda images: embed([crop for crop, _ in segmenter.crop_all(images)]) if images else embed([])

@@ -1,7 +1,9 @@
 """The Celery vision worker: takes search jobs from queue ``vision`` and writes results to Redis.
 
 Run it with ``celery -A workers.tasks worker -Q vision -P threads``: one process holds the
-model and one replica of every shard, and its threads share them.
+model and one replica of every shard, and its threads share them. The tasks are micro-batched
+across jobs (celery-batches): each thread runs a batch of up to ``job_batch_size`` jobs through
+:meth:`Runtime.run`, so the model, the heads and PostgreSQL see one call per batch.
 """
 
 from __future__ import annotations

@@ -176,7 +176,8 @@ def accuracy(net: torch.nn.Module, x: np.ndarray, y: dict[str, np.ndarray]) -> d
 
 
 def train(sources: dict[str, tuple[np.ndarray, np.ndarray]], styles: dict[int, dict[str, str]], out: Path,
-          levels: tuple[str, ...] = LEVELS, hidden: int = 1024, min_count: int = 10, **fit_args) -> dict:
+          levels: tuple[str, ...] = LEVELS, hidden: int = 1024, min_count: int = 10, segmented: bool = True,
+          **fit_args) -> dict:
     """Train heads on cached features and write them to ``out`` (read by :class:`CategoryHeads`).
 
     Args:
@@ -186,6 +187,7 @@ def train(sources: dict[str, tuple[np.ndarray, np.ndarray]], styles: dict[int, d
         out: Directory for ``heads.safetensors`` (float16), ``labels.json``, ``config.json``, ``metrics.json``.
         levels: Levels to train; labels with fewer than ``min_count`` training rows fold into :data:`OTHER`.
         hidden: Width of the shared hidden layer (0: linear heads).
+        segmented: Whether the features were of photos cropped to the product (recorded in config.json).
 
     Returns:
         The metrics written: validation accuracy per source and level (strict: the true label, before
@@ -210,6 +212,7 @@ def train(sources: dict[str, tuple[np.ndarray, np.ndarray]], styles: dict[int, d
     (out / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
     (out / "config.json").write_text(json.dumps({"dim": int(x.shape[1]), "hidden": hidden, "min_count": min_count,
                                                  "backbone": "efficientnet-lite0 imagenet, GAP 1280-d, L2-normalised",
+                                                 "segmented": segmented,
                                                  "fit": fit_args}, indent=1) + "\n")
     heads = CategoryHeads(out)  # measure what was written (float16 weights), not the net in memory
     metrics = {"validation": {}, "train_rows": int(fit_rows.sum()), "early_stop_rows": int(stop.sum()),

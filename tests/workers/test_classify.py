@@ -105,7 +105,7 @@ def test_the_train_command_caches_features_and_writes_the_heads(tmp_path, monkey
 
     class FakeEmbedder:
         def __init__(self, *args, **kwargs) -> None:
-            pass
+            self.device = "cpu"
 
         def embed(self, images):
             calls.append(len(images))
@@ -126,3 +126,5 @@ def test_the_train_command_caches_features_and_writes_the_heads(tmp_path, monkey
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"heads.safetensors", "labels.json", "config.json",
                                                               "metrics.json"}
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["validation"]["images"]["n"] >= 1
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["segmented"] is True
+    assert (tmp_path / "cache" / "images-segmented").is_dir()  # features of segmented photos, cached apart

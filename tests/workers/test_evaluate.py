@@ -49,8 +49,8 @@ def test_eval_scores_retrieval_and_categories(sample_slice, embedder):
 def test_eval_json_prints_one_object(sample_slice, monkeypatch):
     seen = {}
 
-    def fake(catalog_images, styles, queries, k, heads=None, catalog_cache=None):
-        seen.update(catalog=catalog_images, k=k)
+    def fake(catalog_images, styles, queries, k, heads=None, catalog_cache=None, segment=True):
+        seen.update(catalog=catalog_images, k=k, segment=segment)
         return {"precision_at_k": {"article_type": 0.5}, "exact_recall_at_1": None, "exact_recall_at_k": None,
                 "category_accuracy": {"article_type": 0.9}, "images_per_s": 12.0, "n_queries": 10,
                 "n_catalog": 40, "k": k}
@@ -60,7 +60,7 @@ def test_eval_json_prints_one_object(sample_slice, monkeypatch):
                                       str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries"),
                                       "--k", "7", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["n_queries"] == 10 and seen["k"] == 7
+    assert json.loads(result.output)["n_queries"] == 10 and seen["k"] == 7 and seen["segment"] is True
     table = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
                                      str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries")])
     assert table.exit_code == 0 and "precision@5" in table.output and "n/a" in table.output
