@@ -9,8 +9,9 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   letterbox and embedding in one forward pass of N, category heads; the ratio pipeline / raw;
 - *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
   sample catalog; S submitters (1, 4, 16) each submit a photo through the HTTP API, poll it to
-  ``done`` and submit the next; jobs/s and latency p50/p95 (the job's own created-to-done times),
-  with micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``) and on (the size given).
+  ``done`` and submit the next; jobs/s (median of the rounds) and latency p50/p95 (the jobs' own
+  created-to-done times, over all rounds), with micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``)
+  and on (each size given).
 """
 
 from __future__ import annotations
@@ -112,8 +113,9 @@ def forward_rows(batches: list[int], reps: int, say=print) -> tuple[str, list[Fo
 
 
 def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], submitters: list[int],
-                jobs_per_submitter: int, say=print) -> list[CeleryRow]:
-    """Jobs/s and latency through the gateway and one worker, per batch size and submitter count."""
+                jobs_per_submitter: int, rounds: int = 3, say=print) -> list[CeleryRow]:
+    """Jobs/s (median of ``rounds``) and latency (p50/p95 over the jobs of every round) through the
+    gateway and one worker, per batch size and submitter count."""
     import httpx
 
     from ops.bench_scale import BIN, SAMPLE, Proc, sample_value
@@ -136,15 +138,19 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
                 _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)  # warm up
                 for s in submitters:
                     before = worker.metrics()
-                    elapsed, latencies, failed = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s,
-                                                         jobs_per_submitter)
+                    rates, latencies, failed = [], [], 0
+                    for _ in range(rounds):
+                        elapsed, took, lost = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s, jobs_per_submitter)
+                        rates.append(len(took) / elapsed)
+                        latencies += took
+                        failed += lost
                     after = worker.metrics()
                     count = (sample_value(after, "lookalike_worker_batch_jobs_count")
                              - sample_value(before, "lookalike_worker_batch_jobs_count"))
                     total = (sample_value(after, "lookalike_worker_batch_jobs_sum")
                              - sample_value(before, "lookalike_worker_batch_jobs_sum"))
                     p50, p95 = np.percentile(latencies, [50, 95]) * 1000
-                    row = CeleryRow(size, s, len(latencies) / elapsed, p50, p95, total / max(count, 1), failed)
+                    row = CeleryRow(size, s, statistics.median(rates), p50, p95, total / max(count, 1), failed)
                     say(f"  job batch {size}, {s} submitter(s): {row.jobs_per_s:.1f} jobs/s, p50 {p50:.0f} ms, "
                         f"p95 {p95:.0f} ms, {row.mean_batch:.1f} jobs per micro-batch, {failed} failed")
                     rows.append(row)

@@ -385,9 +385,11 @@ def dlq_replay(offsets: list[int] = typer.Argument(None, help="DLQ offsets to re
 @bench_app.command("embed")
 def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
                                                help="The bench's own services' state; wiped at start."),
-                job_batch: int = typer.Option(8, min=2, help="LOOKALIKE_JOB_BATCH_SIZE of the batching worker."),
+                job_batch: list[int] = typer.Option([4, 8], min=2,
+                                                    help="LOOKALIKE_JOB_BATCH_SIZE of a batching worker (repeatable)."),
                 job_wait_ms: float = typer.Option(None, help="LOOKALIKE_JOB_BATCH_WAIT_MS (default: the setting's)."),
-                jobs: int = typer.Option(12, min=1, help="Jobs per submitter per configuration."),
+                jobs: int = typer.Option(12, min=1, help="Jobs per submitter per round."),
+                rounds: int = typer.Option(3, min=1, help="Rounds per configuration (median jobs/s)."),
                 reps: int = typer.Option(5, min=1, help="Timings per batch size; the median is shown.")) -> None:
     """Raw model forward vs the whole pipeline at batch 1/8/32 (and 128 on CUDA); jobs/s and latency
     through Celery with and without micro-batching at 1, 4 and 16 submitters."""
@@ -422,7 +424,7 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
         console.print("through Celery (one worker, -P threads -c 2) ...")
         if job_wait_ms is not None:
             env["LOOKALIKE_JOB_BATCH_WAIT_MS"] = str(job_wait_ms)
-        rows = bench.celery_rows(env, logs, [1, job_batch], [1, 4, 16], jobs, say=console.print)
+        rows = bench.celery_rows(env, logs, [1, *job_batch], [1, 4, 16], jobs, rounds, say=console.print)
     where = f"{machine()}, {device}"
     table = Table(title=f"lookalike bench embed: {where}")
     for column in ("batch", "raw forward img/s", "pipeline img/s", "pipeline / raw"):

@@ -20,6 +20,7 @@ import redis
 import sqlalchemy as sa
 from celery import Celery, signals
 from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
 from pydantic import ValidationError
 
 from schemas.api import Box, Category, CategoryScore, EmbeddingResult, ProductHit, SearchResult
@@ -355,19 +356,61 @@ TRANSIENT = (sa.exc.OperationalError, sa.exc.InterfaceError, redis.ConnectionErr
 
 
 class JobBatches(Batches):
-    """A Celery task run on micro-batches of its messages (celery-batches): a batch flushes when
-    ``job_batch_size`` messages are buffered, or every ``job_batch_wait_ms``, whichever is first.
-    Read from the settings when the worker starts consuming, not at import."""
+    """A Celery task run on micro-batches of its messages (celery-batches), batched dynamically:
+    while a pool thread is idle, a message is flushed as soon as it arrives (no wait at low load);
+    while every thread runs a batch, messages gather until ``job_batch_size`` of them are buffered
+    or a thread is free again (checked every ``job_batch_wait_ms``). Settings are read when the
+    worker starts consuming, not at import."""
 
     max_retries = 3
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._running = 0  # batches handed to the pool and not finished
+        self._running_lock = threading.Lock()
+
+    def _busy(self) -> bool:
+        return self._pool is not None and self._running >= (getattr(self._pool, "limit", None) or 1)
+
     @property
     def flush_every(self) -> int:
-        return worker_settings().job_batch_size
+        """Read by celery-batches on every message: 1 (flush now) while a thread is idle."""
+        return worker_settings().job_batch_size if self._busy() else 1
 
     @property
     def flush_interval(self) -> float:
         return worker_settings().job_batch_wait_ms / 1000
+
+    def _do_flush(self) -> None:
+        if self._busy() and self._buffer.qsize() < worker_settings().job_batch_size:
+            return  # keep gathering until a thread is free
+        super()._do_flush()
+
+    def flush(self, requests) -> None:
+        """As :meth:`Batches.flush`, in batches of at most ``job_batch_size`` (a thread freed after
+        a long wait may find more buffered), each counted as running until it returns."""
+        size = worker_settings().job_batch_size
+        for i in range(0, len(requests), size):
+            self._submit(list(requests)[i:i + size])
+
+    def _submit(self, requests: list) -> None:
+        with self._running_lock:
+            self._running += 1
+        acks_late = [r for r in requests if r.task.acks_late]
+        acks_early = [r for r in requests if not r.task.acks_late]
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for request in acks_early:
+                request.acknowledge()
+
+        def on_return(result) -> None:
+            with self._running_lock:
+                self._running -= 1
+            for request in acks_late:
+                request.acknowledge()
+
+        self._pool.apply_async(apply_batches_task, (self, ([SimpleRequest.from_request(r) for r in requests],), 0, None),
+                               accept_callback=on_accepted, callback=on_return)
 
 
 @app.task(name=TASK_SEARCH, base=JobBatches)
