@@ -116,25 +116,16 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
                 jobs_per_submitter: int, rounds: int = 3, say=print) -> list[CeleryRow]:
     """Jobs/s (median of ``rounds``) and latency (p50/p95 over the jobs of every round) through the
     gateway and one worker, per batch size and submitter count."""
-    import httpx
-
-    from ops.bench_scale import BIN, SAMPLE, Proc, sample_value
-    from ops.stack import free_port
+    from ops.bench_scale import SAMPLE, sample_value, start_gateway, start_worker
 
     queries = [p.read_bytes() for p in sorted((SAMPLE / "queries").glob("*.jpg"))]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    gateway = Proc([str(BIN / "uvicorn"), "--factory", "gateway.app:create_app", "--port", str(port)],
-                   {**env, "LOOKALIKE_MAX_QUEUE_DEPTH": "0"}, log_dir / "web.log")
+    gateway, url = start_gateway(env, log_dir)
     rows = []
     try:
-        gateway.wait(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, "the gateway")
         for size in batch_sizes:
-            worker = Proc([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", "vision", "-P", "threads",
-                           "-c", "2", "-n", f"bench-embed-{size}@%h", "--loglevel", "WARNING"],
-                          {**env, "LOOKALIKE_JOB_BATCH_SIZE": str(size)}, log_dir / f"worker-batch-{size}.log")
+            worker = start_worker({**env, "LOOKALIKE_JOB_BATCH_SIZE": str(size)}, log_dir / f"worker-batch-{size}.log",
+                                  f"bench-embed-{size}")
             try:
-                worker.wait(lambda: worker.metrics() is not None, "a worker")
                 _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)  # warm up
                 for s in submitters:
                     before = worker.metrics()

@@ -87,6 +87,31 @@ class Proc:
                 self.proc.wait()
 
 
+def start_gateway(env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
+    """A gateway with no queue bound (benches measure the workers, not the admission control),
+    and its URL, once it answers /readyz."""
+    from ops.stack import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    gateway = Proc([str(BIN / "uvicorn"), "--factory", "gateway.app:create_app", "--port", str(port)],
+                   {**env, "LOOKALIKE_MAX_QUEUE_DEPTH": "0"}, log_dir / "web.log")
+    try:
+        gateway.wait(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, "the gateway")
+    except BaseException:
+        gateway.stop()
+        raise
+    return gateway, url
+
+
+def start_worker(env: dict[str, str], log_path: Path, name: str) -> Proc:
+    """A vision worker as the Procfile runs it (``-P threads -c 2``), serving its metrics."""
+    worker = Proc([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", "vision", "-P", "threads",
+                   "-c", "2", "-n", f"{name}@%h", "--loglevel", "WARNING"], env, log_path)
+    worker.wait(lambda: worker.metrics() is not None, "a worker")
+    return worker
+
+
 def sample_value(text: str, name: str, labels: str = "") -> float:
     """Sum of the samples of ``name`` whose labels contain ``labels``."""
     total = 0.0
@@ -100,19 +125,14 @@ def bench_workers(env: dict[str, str], log_dir: Path, counts: tuple[int, ...], j
                   say=print) -> list[Run]:
     import redis
 
-    from ops.stack import free_port
     from schemas.api import JobStatus
     from schemas.jobs import job_key
 
     client = redis.Redis.from_url(env["LOOKALIKE_REDIS_URL"])
     photos = [p.read_bytes() for p in sorted((SAMPLE / "queries").glob("*.jpg"))]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    gateway = Proc([str(BIN / "uvicorn"), "--factory", "gateway.app:create_app", "--port", str(port)],
-                   {**env, "LOOKALIKE_MAX_QUEUE_DEPTH": "0"}, log_dir / "web.log")
+    gateway, url = start_gateway(env, log_dir)
     runs = []
     try:
-        gateway.wait(lambda: httpx.get(f"{url}/readyz", timeout=5).status_code == 200, "the gateway")
         for n in counts:
             workers = [Proc([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", "vision", "-P", "threads",
                              "-c", "2", "-n", f"bench{i}-{uuid.uuid4().hex[:4]}@%h", "--loglevel", "WARNING"],

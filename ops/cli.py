@@ -413,6 +413,8 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
 
         settings = IndexerSettings()
         events, errors = read_catalog(SAMPLE / "products.csv", SAMPLE / "images")
+        if errors:
+            raise typer.Exit(_fail(f"the bundled sample has {len(errors)} bad rows: {errors[:3]}"))
         console.print(f"indexing the sample catalog ({len(events)} products) for the searches ...")
         publish(settings.kafka_bootstrap, settings.products_topic, events)
         engine = sa.create_engine(settings.database_url)

@@ -47,7 +47,6 @@ import argparse
 import csv
 import hashlib
 import io
-import os
 import random
 import re
 import shutil
