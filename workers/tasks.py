@@ -399,17 +399,22 @@ class JobBatches(Batches):
         acks_late = [r for r in requests if r.task.acks_late]
         acks_early = [r for r in requests if not r.task.acks_late]
 
+        def run(*args):  # however the batch ends, its thread counts as free again
+            try:
+                return apply_batches_task(*args)
+            finally:
+                with self._running_lock:
+                    self._running -= 1
+
         def on_accepted(pid: int, time_accepted: float) -> None:
             for request in acks_early:
                 request.acknowledge()
 
         def on_return(result) -> None:
-            with self._running_lock:
-                self._running -= 1
             for request in acks_late:
                 request.acknowledge()
 
-        self._pool.apply_async(apply_batches_task, (self, ([SimpleRequest.from_request(r) for r in requests],), 0, None),
+        self._pool.apply_async(run, (self, ([SimpleRequest.from_request(r) for r in requests],), 0, None),
                                accept_callback=on_accepted, callback=on_return)
 
 
