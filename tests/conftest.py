@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.server
 import json
 import os
 import random
@@ -19,7 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -190,3 +193,27 @@ def declared(module: ModuleType) -> dict[str, tuple[str, set[str]]]:
             for family in obj.describe():
                 families[family.name] = (family.type, labels)
     return families
+
+
+@contextlib.contextmanager
+def serve_photos(photo: Callable[[str], bytes | None]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1: ``GET /<name>`` answers ``photo(name)`` (404 when None).
+    Yields its base URL."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = photo(self.path.strip("/")) or b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

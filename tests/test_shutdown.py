@@ -82,6 +82,18 @@ def start_worker(stack: dict[str, str], log_path: Path) -> Process:
                     "-c", "2", "-n", name, "--loglevel", "INFO"], stack, log_path)
 
 
+def submit_jobs(settings, n: int) -> list[str]:
+    """``n`` search jobs of the sample's query photos through the gateway's HTTP API; their ids."""
+    photos = sorted((SAMPLE / "queries").glob("*.jpg"))
+    job_ids = []
+    with TestClient(create_app(GatewaySettings(**settings.model_dump()))) as gateway:
+        for i in range(n):
+            response = gateway.post("/v1/jobs", files={"image": ("q.jpg", photos[i % len(photos)].read_bytes())})
+            assert response.status_code == 202, response.text
+            job_ids.append(response.json()["job_id"])
+    return job_ids
+
+
 def statuses(client: redis.Redis, job_ids: list[str]) -> dict[str, str]:
     raw = client.mget([job_key(job_id) for job_id in job_ids])
     return {job_id: JobStatus.model_validate_json(value).status.value for job_id, value in zip(job_ids, raw)}
@@ -94,13 +106,7 @@ def test_a_worker_stopped_mid_load_finishes_its_running_jobs_and_loses_none(sett
     second = None
     try:
         first.wait_serving()
-        photos = sorted((SAMPLE / "queries").glob("*.jpg"))
-        job_ids = []
-        with TestClient(create_app(GatewaySettings(**settings.model_dump()))) as gateway:
-            for i in range(60):
-                response = gateway.post("/v1/jobs", files={"image": ("q.jpg", photos[i % len(photos)].read_bytes())})
-                assert response.status_code == 202, response.text
-                job_ids.append(response.json()["job_id"])
+        job_ids = submit_jobs(settings, 60)
 
         deadline = time.monotonic() + 60
         while True:  # stop it while some jobs run and others wait

@@ -11,15 +11,11 @@ from __future__ import annotations
 import time
 
 import redis
-from starlette.testclient import TestClient
 
-from gateway.app import create_app
 from schemas.api import JobStatus
 from schemas.jobs import job_key
-from schemas.settings import GatewaySettings
 from schemas.tasks import QUEUE_VISION, RESTORE_INTERVAL_S
-from tests.conftest import SAMPLE
-from tests.test_shutdown import start_worker, statuses
+from tests.test_shutdown import start_worker, statuses, submit_jobs
 
 VISIBILITY_TIMEOUT_S = 10
 
@@ -33,13 +29,7 @@ def test_jobs_of_a_worker_killed_mid_load_are_redelivered_and_finish(settings, s
     try:
         survivor.wait_serving(300)  # the machine is shared: loading can be slow
         victim.wait_serving(300)
-        photos = sorted((SAMPLE / "queries").glob("*.jpg"))
-        job_ids = []
-        with TestClient(create_app(GatewaySettings(**settings.model_dump()))) as gateway:
-            for i in range(60):
-                response = gateway.post("/v1/jobs", files={"image": ("q.jpg", photos[i % len(photos)].read_bytes())})
-                assert response.status_code == 202, response.text
-                job_ids.append(response.json()["job_id"])
+        job_ids = submit_jobs(settings, 60)
 
         deadline = time.monotonic() + 60
         while client.llen(QUEUE_VISION) > 10:  # both workers busy, jobs still waiting

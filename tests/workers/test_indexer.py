@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 import time
 import uuid
 
@@ -18,7 +16,7 @@ from workers.topics import create_topics
 from schemas.events import CatalogEvent, DeadLetter, ImageRef, VectorChange
 from schemas.settings import IndexerSettings
 from schemas.tables import product_vectors, products
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, serve_photos
 from workers import topics
 from workers.indexer import Indexer, Outcome, consumer_for, step
 
@@ -244,23 +242,12 @@ def test_lag_is_reported_per_partition_and_changes_carry_the_source_timestamp(is
 @pytest.fixture
 def image_server(sample_events):
     """A real HTTP server on 127.0.0.1 serving the sample photos at /<product id>.jpg."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
+    def photo(name: str) -> bytes | None:
+        path = SAMPLE / "images" / name
+        return path.read_bytes() if path.is_file() else None
 
-        def do_GET(self) -> None:
-            path = SAMPLE / "images" / self.path.strip("/")
-            body = path.read_bytes() if path.is_file() else b""
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_photos(photo) as url:
+        yield url
 
 
 def test_image_urls_are_fetched_through_the_ssrf_guard(isettings, kafka_clients, engine, embedder, sample_events,

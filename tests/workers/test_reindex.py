@@ -11,9 +11,10 @@ import sqlalchemy as sa
 from ops.publish import publish, read_catalog
 from schemas.events import CatalogEvent
 from schemas.settings import IndexerSettings
-from schemas.tables import product_vectors, products
+from schemas.tables import product_vectors
 from tests.conftest import SAMPLE
 from tests.workers.test_indexer import run_until
+from tests.workers.test_recovery import live_ids
 from workers import reindex, snapshots, topics
 from workers.indexer import Indexer, consumer_for
 from workers.replica import still_in_log
@@ -31,17 +32,6 @@ def isettings(settings, tmp_path) -> IndexerSettings:
                                    "snapshot_dir": tmp_path / "snapshots"})
     create_topics(isettings)
     return isettings
-
-
-def live(engine: sa.Engine, model_version: str) -> dict[int, set[int]]:
-    query = (sa.select(product_vectors.c.shard, product_vectors.c.product_id)
-             .join(products, products.c.id == product_vectors.c.product_id)
-             .where(product_vectors.c.model_version == model_version, products.c.deleted.is_(False)))
-    found: dict[int, set[int]] = {}
-    with engine.connect() as conn:
-        for shard, product_id in conn.execute(query):
-            found.setdefault(shard, set()).add(product_id)
-    return found
 
 
 def snapshot_ids(isettings, model_version: str) -> dict[int, set[int]]:
@@ -77,7 +67,7 @@ def test_reindex_rebuilds_the_shards_and_switches_model_version_by_re_embedding(
     # Same model version: shards from the stored vectors, at the changelog's end, usable by replicas.
     report = reindex.run(isettings, engine)
     assert report.embedded == 0
-    assert snapshot_ids(isettings, isettings.model_version) == live(engine, isettings.model_version)
+    assert snapshot_ids(isettings, isettings.model_version) == live_ids(engine, isettings.model_version)
     assert set().union(*snapshot_ids(isettings, isettings.model_version).values()) == mine
     for partition in range(isettings.partitions):
         newest = snapshots.newest(isettings.snapshot_dir, isettings.model_version, partition)
@@ -88,7 +78,7 @@ def test_reindex_rebuilds_the_shards_and_switches_model_version_by_re_embedding(
     version = f"{isettings.model_version}-v2"
     report = reindex.run(isettings, engine, version)
     assert report.embedded >= len(mine)
-    new = live(engine, version)
+    new = live_ids(engine, version)
     assert mine <= set().union(*new.values())
     assert not {e.product_id for e in events[:3]} & set().union(*new.values())
     assert snapshot_ids(isettings, version) == new
