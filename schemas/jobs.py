@@ -83,7 +83,13 @@ class JobStore:
         self.client.set(job_key(job_id), status.model_dump_json(), ex=self.ttl_s)
         return status
 
-    def running(self, job_id: str) -> JobStatus:
+    def running(self, job_id: str) -> JobStatus | None:
+        """Mark the job running; None, changing nothing, if it already ended: a message delivered
+        again after its job finished (the worker was killed between writing the result and
+        acknowledging the message) must not run it a second time."""
+        current = self.get(job_id)
+        if current is not None and current.status in (JobState.done, JobState.failed):
+            return None
         return self._update(job_id, status=JobState.running)
 
     def done(self, job_id: str, result: SearchResult | EmbeddingResult, timings: dict[str, float]) -> JobStatus:

@@ -127,8 +127,8 @@ class Runtime:
     # -- stages: each takes the jobs still live, sets their fields, and may raise ---------------
 
     def _start(self, job: Job) -> None:
-        """Mark the job running; the query's pixels (decoded, cropped when a box was given) or,
-        for a product id, its stored vector.
+        """Mark the job running (or end it here if it already ended: a redelivered message); the
+        query's pixels (decoded, cropped when a box was given) or, for a product id, its stored vector.
 
         Raises:
             UploadExpired: the upload left Redis before a worker took it.
@@ -136,6 +136,10 @@ class Runtime:
         """
         task = job.task
         started = self.store.running(task.job_id)
+        if started is None:  # it ended already (a redelivered message): keep its outcome
+            log.info("job %s already ended; message delivered again, not run again", task.job_id)
+            job.ended = True
+            return
         metrics.STAGE_SECONDS.labels("queue_wait").observe(max(0.0, started.updated_at - started.created_at))
         if getattr(task, "product_id", None) is not None:
             vector = catalog.fetch_vector(self.engine, task.product_id, self.embedder.model_version)
@@ -389,9 +393,9 @@ class JobBatches(Batches):
     def flush(self, requests) -> None:
         """As :meth:`Batches.flush`, in batches of at most ``job_batch_size`` (a thread freed after
         a long wait may find more buffered), each counted as running until it returns."""
-        size = worker_settings().job_batch_size
+        size, requests = worker_settings().job_batch_size, list(requests)
         for i in range(0, len(requests), size):
-            self._submit(list(requests)[i:i + size])
+            self._submit(requests[i:i + size])
 
     def _submit(self, requests: list) -> None:
         with self._running_lock:

@@ -3,8 +3,6 @@ filters, category and exclusions are exact; crop, image URLs and "more like this
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections import Counter
 
 import numpy as np
@@ -17,7 +15,7 @@ from schemas.jobs import new_job_id
 from schemas.settings import WorkerSettings
 from schemas.tables import products
 from schemas.tasks import EmbedTask, SearchTask
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, serve_photos
 from workers import catalog
 from workers.catalog import Upsert
 from workers.decode import decode
@@ -173,22 +171,8 @@ def test_category_auto_searches_within_the_predicted_category(runtime, indexed):
 @pytest.fixture
 def photo_server(indexed):
     """A real HTTP server on 127.0.0.1 serving the sample photos at /<product id>.jpg."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            body = photo(int(self.path.strip("/").removesuffix(".jpg")))
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_photos(lambda name: photo(int(name.removesuffix(".jpg")))) as url:
+        yield url
 
 
 def test_an_image_url_is_fetched_by_the_worker(runtime, indexed, photo_server):
@@ -287,3 +271,16 @@ def test_a_batched_stage_that_fails_is_redone_job_by_job(runtime, indexed, monke
     assert [s.status.value for s in got] == ["done", "failed", "done"]
     assert got[1].error.code == "internal" and "cannot segment this image" in got[1].error.message
     assert [s.result.products[0].product_id for s in (got[0], got[2])] == [ids[0], ids[2]]
+
+
+def test_a_message_delivered_again_after_its_job_ended_does_not_run_it_again(runtime, indexed):
+    """A worker killed between writing a result and acknowledging the message gets the message
+    redelivered to another worker: the job keeps its first outcome (its upload is gone by then,
+    so running it again would turn `done` into `failed`)."""
+    task = SearchTask(job_id=new_job_id(), k=5)
+    runtime.store.create(task.job_id, photo(list(indexed)[3]))
+    runtime.search(task)
+    first = runtime.store.get(task.job_id)
+    assert first.status == "done" and runtime.store.take_upload(task.job_id) is None
+    runtime.search(task)  # the same message again
+    assert runtime.store.get(task.job_id) == first
