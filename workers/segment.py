@@ -88,13 +88,13 @@ class Segmenter:
             background = border.median(dim=2).values                                # (N, 3)
             distance = (x - background[:, :, None, None]).abs().amax(dim=1, keepdim=True)  # (N, 1, S, S)
             uniformity = (distance[:, 0, ring] <= self.threshold).float().mean(dim=1)      # (N,)
-            fg = _fill_holes(_close((distance > self.threshold).float(), 5))
+            fg = _fill_holes(_close(distance > self.threshold, 5))                 # bool (N, 1, S, S)
             solid = _open(fg, 3)  # without specks: for the box; the mask keeps thin parts (straps, laces)
-            fraction = solid.mean(dim=(1, 2, 3))
-            rows, cols = solid.amax(dim=3)[:, 0], solid.amax(dim=2)[:, 0]           # (N, S) each
+            fraction = solid.float().mean(dim=(1, 2, 3))
+            rows, cols = solid.any(dim=3)[:, 0], solid.any(dim=2)[:, 0]             # (N, S) each
             confident = ((uniformity >= self.min_border_uniformity) & (fraction >= self.min_foreground)
                          & (fraction <= self.max_foreground))
-            fg, rows, cols = _dilate(fg, 3)[:, 0].bool().cpu().numpy(), rows.cpu().numpy(), cols.cpu().numpy()
+            fg, rows, cols = _dilate(fg, 3)[:, 0].cpu().numpy(), rows.cpu().numpy(), cols.cpu().numpy()
             confident, uniformity, fraction = confident.cpu().numpy(), uniformity.cpu().numpy(), fraction.cpu().numpy()
         return [self._segment_one(image, fg[i], rows[i], cols[i], bool(confident[i]), float(uniformity[i]),
                                   float(fraction[i])) for i, image in enumerate(images)]
@@ -112,9 +112,8 @@ class Segmenter:
         if not segment.confident:
             return image
         b = segment.box
-        out = image[b.y:b.y + b.h, b.x:b.x + b.w].copy()
-        out[~segment.mask[b.y:b.y + b.h, b.x:b.x + b.w]] = 255
-        return out
+        inside = (slice(b.y, b.y + b.h), slice(b.x, b.x + b.w))
+        return np.where(segment.mask[inside][:, :, None], image[inside], np.uint8(255))
 
     def crop_all(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, Box]]:
         """``segment`` then ``apply`` a batch: the pixels to embed, and the box they came from."""
@@ -148,15 +147,32 @@ class Segmenter:
 
 
 def _dilate(mask: torch.Tensor, k: int) -> torch.Tensor:
-    return F.max_pool2d(mask, k, stride=1, padding=k // 2)
+    """Binary dilation with a k x k square (k odd): bool (N, 1, S, S) -> same. Separable, as two
+    passes of shifted ORs; equal to max pooling with stride 1 and ``k // 2`` padding, several
+    times faster on the CPU for these small masks."""
+    return _shifted(_shifted(mask, k, 3, torch.logical_or, False), k, 2, torch.logical_or, False)
 
 
 def _erode(mask: torch.Tensor, k: int) -> torch.Tensor:
-    return 1.0 - F.max_pool2d(1.0 - mask, k, stride=1, padding=k // 2)
+    """Binary erosion with a k x k square; outside the image counts as foreground (as pooling
+    ``1 - mask`` ignores its padding)."""
+    return _shifted(_shifted(mask, k, 3, torch.logical_and, True), k, 2, torch.logical_and, True)
+
+
+def _shifted(mask: torch.Tensor, k: int, dim: int, combine, outside: bool) -> torch.Tensor:
+    """``combine`` of ``mask`` with itself shifted by -k//2..k//2 along ``dim``, padded with ``outside``."""
+    r, n = k // 2, mask.shape[dim]
+    pad = [0, 0, 0, 0]
+    pad[0 if dim == 3 else 2], pad[1 if dim == 3 else 3] = r, r
+    padded = F.pad(mask, pad, value=outside)
+    out = padded.narrow(dim, 0, n)
+    for i in range(1, k):
+        out = combine(out, padded.narrow(dim, i, n))
+    return out
 
 
 def _close(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Fill gaps narrower than ``k`` px: dilate, then erode. mask: float (N, 1, S, S) of 0/1."""
+    """Fill gaps narrower than ``k`` px: dilate, then erode. mask: bool (N, 1, S, S)."""
     return _erode(_dilate(mask, k), k)
 
 
@@ -167,12 +183,14 @@ def _open(mask: torch.Tensor, k: int) -> torch.Tensor:
 
 def _fill_holes(mask: torch.Tensor) -> torch.Tensor:
     """Add the pixels that have product on all four sides (left, right, above, below), found with
-    cumulative maxima along rows and columns: holes and enclosed gaps, not open concavities."""
-    left = mask.cummax(dim=3).values
-    right = mask.flip(3).cummax(dim=3).values.flip(3)
-    up = mask.cummax(dim=2).values
-    down = mask.flip(2).cummax(dim=2).values.flip(2)
-    return torch.maximum(mask, left * right * up * down)
+    cumulative maxima along rows and columns: holes and enclosed gaps, not open concavities.
+    mask: bool (N, 1, S, S)."""
+    m = mask.to(torch.uint8)
+    left = m.cummax(dim=3).values
+    right = m.flip(3).cummax(dim=3).values.flip(3)
+    up = m.cummax(dim=2).values
+    down = m.flip(2).cummax(dim=2).values.flip(2)
+    return mask | (left & right & up & down).bool()
 
 
 def overlay(image: np.ndarray, segment: Segment) -> np.ndarray:
