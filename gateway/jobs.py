@@ -125,14 +125,16 @@ async def read_body(request: Request, limit: int, why: str | None = None, field:
 
 
 async def enqueue(request: Request, task_name: str, task: SearchTask | EmbedTask, data: bytes | None) -> None:
-    """Store the job (and its upload, if any) and send ``task_name`` to queue ``vision``, unless the
-    queue is already ``max_queue_depth`` long (503 + Retry-After)."""
+    """Store the job (and its upload, if any) and send ``task_name`` to queue ``vision`` (task id =
+    job id), unless the queue is already ``max_queue_depth`` long (503 + Retry-After). The job store
+    keeps the message until a worker starts the job, in case the broker loses it (workers/sweep.py)."""
     state = request.state
     await _check_queue_depth(request)
     try:
-        await run_in_threadpool(state.store.create, task.job_id, data)
-        await run_in_threadpool(state.celery.send_task, task_name,
-                                args=[task.model_dump(mode="json")], queue=QUEUE_VISION)
+        payload = task.model_dump(mode="json")
+        await run_in_threadpool(state.store.create, task.job_id, data, (task_name, payload))
+        await run_in_threadpool(state.celery.send_task, task_name, args=[payload], queue=QUEUE_VISION,
+                                task_id=task.job_id)
     except (redis.RedisError, OSError) as exc:
         raise ApiError(503, "unavailable", f"the job queue is unavailable ({type(exc).__name__}); retry shortly",
                        headers={"Retry-After": "5"}) from None

@@ -6,10 +6,14 @@ Keys (``lookalike:`` prefix):
 - ``upload:{id}``  the uploaded image bytes until a worker takes them, same TTL.
 - ``replicas``     hash ``worker id -> ReplicaStatus JSON``: what each worker can search.
 - ``rate:{who}:{minute}``  requests of one API key (digest prefix) in one minute, expires after 2.
+- ``queued``       sorted set ``job id -> time its message was sent``, of the jobs no worker has
+                   started yet, and ``queued-messages``, hash ``job id -> {"task", "args"}``: what
+                   :class:`workers.sweep.LostMessageSweeper` re-sends if the broker lost the message.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -20,6 +24,8 @@ from schemas.api import EmbeddingResult, JobError, JobState, JobStatus, SearchRe
 
 PREFIX = "lookalike:"
 REPLICAS_KEY = PREFIX + "replicas"
+QUEUED_KEY = PREFIX + "queued"
+QUEUED_MESSAGES_KEY = PREFIX + "queued-messages"
 
 
 def job_key(job_id: str) -> str:
@@ -56,14 +62,23 @@ class JobStore:
         self.client = client
         self.ttl_s = ttl_s
 
-    def create(self, job_id: str, image: bytes | None) -> JobStatus:
-        """Store the upload (if the job has one) and a ``queued`` status atomically."""
+    def create(self, job_id: str, image: bytes | None, message: tuple[str, dict] | None = None) -> JobStatus:
+        """Store the upload (if the job has one) and a ``queued`` status atomically.
+
+        Args:
+            message: The Celery task name and payload the job is sent as; kept until a worker
+                starts the job, so that it can be sent again if the broker loses it (see
+                :meth:`overdue`). None: not kept.
+        """
         now = time.time()
         status = JobStatus(job_id=job_id, status=JobState.queued, created_at=now, updated_at=now)
         with self.client.pipeline(transaction=True) as pipe:
             if image is not None:
                 pipe.set(upload_key(job_id), image, ex=self.ttl_s)
             pipe.set(job_key(job_id), status.model_dump_json(), ex=self.ttl_s)
+            if message is not None:
+                pipe.zadd(QUEUED_KEY, {job_id: now})
+                pipe.hset(QUEUED_MESSAGES_KEY, job_id, json.dumps({"task": message[0], "args": [message[1]]}))
             pipe.execute()
         return status
 
@@ -89,8 +104,11 @@ class JobStore:
         acknowledging the message) must not run it a second time."""
         current = self.get(job_id)
         if current is not None and current.status in (JobState.done, JobState.failed):
+            self.forget_queued(job_id)
             return None
-        return self._update(job_id, status=JobState.running)
+        status = self._update(job_id, status=JobState.running)
+        self.forget_queued(job_id)
+        return status
 
     def done(self, job_id: str, result: SearchResult | EmbeddingResult, timings: dict[str, float]) -> JobStatus:
         status = self._update(job_id, status=JobState.done, result=result, timings=timings)
@@ -101,7 +119,28 @@ class JobStore:
         status = self._update(job_id, status=JobState.failed, error=JobError(code=code, message=message),
                               timings=timings or {})
         self.client.delete(upload_key(job_id))
+        self.forget_queued(job_id)
         return status
+
+    def overdue(self, older_than_s: float) -> dict[str, dict]:
+        """Jobs no worker has started whose message was sent more than ``older_than_s`` seconds
+        ago: ``{job id: {"task": name, "args": [payload]}}``. Most are simply waiting in the queue."""
+        job_ids = [j.decode() for j in self.client.zrangebyscore(QUEUED_KEY, 0, time.time() - older_than_s)]
+        if not job_ids:
+            return {}
+        messages = self.client.hmget(QUEUED_MESSAGES_KEY, job_ids)
+        return {job_id: json.loads(m) for job_id, m in zip(job_ids, messages) if m is not None}
+
+    def requeued(self, job_id: str) -> None:
+        """The job's message was sent again: it is overdue ``older_than_s`` from now, not before."""
+        self.client.zadd(QUEUED_KEY, {job_id: time.time()}, xx=True)
+
+    def forget_queued(self, job_id: str) -> None:
+        """Stop watching the job's message (a worker started the job, or it ended or expired)."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(QUEUED_KEY, job_id)
+            pipe.hdel(QUEUED_MESSAGES_KEY, job_id)
+            pipe.execute()
 
     def replicas(self, max_age_s: float = 10.0) -> list[ReplicaStatus]:
         """Replica reports of workers seen in the last ``max_age_s`` seconds."""

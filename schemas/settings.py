@@ -142,11 +142,11 @@ class WorkerSettings(ModelSettings, FetchSettings):
                                            "ones shipped in workers/models/.")
     auto_category_min_prob: float = Field(0.7, ge=0, le=1, description=(
         "`category: auto` searches within the most specific predicted level whose top probability is at least this."))
-    job_batch_size: int = Field(1, ge=1, le=256, description=(
+    job_batch_size: int = Field(4, ge=1, le=256, description=(
         "Micro-batch: most jobs run together (one segmentation, one forward pass of up to `embed_batch` "
-        "images at a time, one classification, one metadata query); 1 = no batching (the default, see the "
-        "README: 4 measured best on 2 CPU cores). A job that arrives while a worker thread is idle runs at "
-        "once; while all are busy, jobs gather up to this many."))
+        "images at a time, one classification, one metadata query); 1 = no batching. 4 measured best on "
+        "2 CPU cores (README, Benchmarks). A job that arrives while a worker thread is idle runs at once; "
+        "while all are busy, jobs gather up to this many."))
     job_batch_wait_ms: float = Field(5.0, gt=0, le=10_000, description=(
         "Micro-batch: while every worker thread is busy, how often to look whether one is free again "
         "(the jobs gathered meanwhile are then flushed)."))

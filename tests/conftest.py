@@ -34,7 +34,9 @@ import sqlalchemy as sa
 
 from ops.release import release
 from ops.stack import LocalStack
+from schemas.jobs import QUEUED_KEY, QUEUED_MESSAGES_KEY
 from schemas.settings import Settings
+from schemas.tasks import QUEUE_VISION
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "ops" / "sample"
@@ -196,6 +198,13 @@ def declared(module: ModuleType) -> dict[str, tuple[str, set[str]]]:
 
 
 @contextlib.contextmanager
+def drop_queued_jobs(client: redis.Redis) -> None:
+    """Forget every job message: the queue, kombu's unacked ones, and the copies the job store keeps
+    for the lost-message sweep. Jobs a test left without a worker must not be run, or sent again by
+    the sweep, in a later test's worker."""
+    client.delete(QUEUE_VISION, "unacked", "unacked_index", QUEUED_KEY, QUEUED_MESSAGES_KEY)
+
+
 def serve_photos(photo: Callable[[str], bytes | None]) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1: ``GET /<name>`` answers ``photo(name)`` (404 when None).
     Yields its base URL."""

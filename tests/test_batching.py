@@ -12,8 +12,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from schemas.settings import GatewaySettings
-from schemas.tasks import QUEUE_VISION
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, drop_queued_jobs
 from tests.test_shutdown import start_worker, statuses
 
 
@@ -24,7 +23,7 @@ def scraped(port: int, name: str) -> float:
 
 def test_jobs_submitted_together_share_micro_batches_and_a_bad_one_fails_alone(settings, stack, tmp_path):
     client = redis.Redis.from_url(settings.redis_url)
-    client.delete(QUEUE_VISION)  # whatever earlier tests left without a worker
+    drop_queued_jobs(client)  # whatever earlier tests left without a worker
     worker = start_worker({**stack, "LOOKALIKE_JOB_BATCH_SIZE": "4"}, tmp_path / "worker.log")
     try:
         worker.wait_serving(300)

@@ -21,7 +21,6 @@ import httpx
 import pytest
 import redis
 import sqlalchemy as sa
-
 from celery import Celery
 
 from ops.publish import publish, read_catalog
@@ -30,7 +29,7 @@ from ops.stack import LocalStack, free_port
 from schemas.jobs import JobStore, new_job_id
 from schemas.settings import IndexerSettings, Settings
 from schemas.tasks import QUEUE_VISION, TASK_SEARCH, SearchTask
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, drop_queued_jobs
 from tests.test_shutdown import BIN, Process, start_worker, statuses
 from tests.workers.test_indexer import read_all
 from workers import catalog
@@ -176,7 +175,7 @@ def test_redis_stopped_for_10_s_gives_503_then_recovers_without_restarts(private
 def test_a_burst_of_ten_times_capacity_gets_503_past_the_bound_and_every_accepted_job_finishes(env, tmp_path):
     env = {**env, "LOOKALIKE_MAX_QUEUE_DEPTH": "10", "LOOKALIKE_QUEUE_RETRY_AFTER_S": "2"}
     client = redis.Redis.from_url(env["LOOKALIKE_REDIS_URL"])
-    client.delete(QUEUE_VISION)
+    drop_queued_jobs(client)
     gateway, worker = Gateway(env, tmp_path / "web.log"), start_worker(env, tmp_path / "worker.log")
     try:
         gateway.wait_serving()

@@ -34,7 +34,7 @@ from schemas.api import JobStatus
 from schemas.jobs import job_key
 from schemas.settings import GatewaySettings, IndexerSettings
 from schemas.tasks import QUEUE_VISION
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, SAMPLE, drop_queued_jobs
 from tests.workers.test_indexer import read_all
 from workers import catalog
 
@@ -101,7 +101,7 @@ def statuses(client: redis.Redis, job_ids: list[str]) -> dict[str, str]:
 
 def test_a_worker_stopped_mid_load_finishes_its_running_jobs_and_loses_none(settings, stack, tmp_path):
     client = redis.Redis.from_url(settings.redis_url)
-    client.delete(QUEUE_VISION)  # whatever earlier tests left without a worker
+    drop_queued_jobs(client)  # whatever earlier tests left without a worker
     first = start_worker(stack, tmp_path / "worker1.log")
     second = None
     try:

@@ -39,6 +39,9 @@ JOBS = Counter("lookalike_worker_jobs_total",
 STAGE_SECONDS = Histogram("lookalike_worker_stage_seconds",
                           "Job time by stage: queue_wait (submitted to started), decode, embed, search, "
                           "join, total (submitted to done).", ["stage"], buckets=SECONDS_BUCKETS)
+MESSAGES_RESENT = Counter("lookalike_worker_messages_resent_total",
+                          "Job messages the broker lost (a worker killed while taking them) and the "
+                          "lost-message sweep sent again (workers/sweep.py).")
 BATCH_JOBS = Histogram("lookalike_worker_batch_jobs", "Jobs in one micro-batch of the worker (celery-batches).",
                        buckets=COUNT_BUCKETS)
 SHARD_VECTORS = Gauge("lookalike_shard_vectors", "Vectors in this process's replica of a shard.", ["shard"])

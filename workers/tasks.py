@@ -35,6 +35,7 @@ from workers.errors import CropRejected, InvalidInput, UploadExpired
 from workers.fetch import Fetcher
 from workers.replica import Replica
 from workers.segment import Segmenter
+from workers.sweep import LostMessageSweeper
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Runtime:
         self.replica = Replica(settings, self.engine, self.store, self.embedder.dim)
         self.fetcher = Fetcher(settings)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.sweeper = LostMessageSweeper(self.store, app, settings.visibility_timeout_s)
 
     def start(self) -> None:
         self.embedder.load()
@@ -343,14 +345,16 @@ def runtime() -> Runtime:
 
 
 @signals.worker_ready.connect
-def _warm_up(**_) -> None:
+def _warm_up(sender=None, **_) -> None:
     rt = runtime()
     metrics.serve(rt.settings.metrics_host, rt.settings.metrics_port)
+    rt.sweeper.start(getattr(sender, "hostname", None) or "worker")
 
 
 @signals.worker_shutdown.connect
 def _shut_down(**_) -> None:
     if _runtime is not None:
+        _runtime.sweeper.stop()
         _runtime.replica.stop()
         _runtime.fetcher.close()
         _runtime.pool.shutdown()

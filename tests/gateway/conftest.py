@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 from gateway.app import create_app
 from schemas.settings import GatewaySettings
 from schemas.tasks import QUEUE_VISION, TASK_SEARCH, SearchTask
+from tests.conftest import drop_queued_jobs
 
 
 @pytest.fixture
@@ -23,9 +24,9 @@ def gsettings(settings) -> GatewaySettings:
 @pytest.fixture
 def rclient(gsettings):
     client = redis.Redis.from_url(gsettings.redis_url)
-    client.delete(QUEUE_VISION)
+    drop_queued_jobs(client)
     yield client
-    client.delete(QUEUE_VISION)
+    drop_queued_jobs(client)
     client.close()
 
 

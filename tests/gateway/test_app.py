@@ -16,6 +16,7 @@ from gateway.app import create_app
 from schemas.jobs import JobStore, ReplicaStatus, job_key, upload_key
 from schemas.settings import GatewaySettings
 from schemas.tasks import QUEUE_VISION
+from tests.conftest import drop_queued_jobs
 
 
 def jpeg(size=(64, 64)) -> bytes:
@@ -92,7 +93,7 @@ def test_metrics_read_the_queue_depth_from_redis_at_scrape_time(client, gsetting
     for _ in range(2):
         assert client.post("/v1/jobs", files={"image": ("shirt.jpg", jpeg())}).status_code == 202
     assert f"{depth} 2.0" in client.get("/metrics").text
-    redis.Redis.from_url(gsettings.redis_url).delete(QUEUE_VISION)
+    drop_queued_jobs(redis.Redis.from_url(gsettings.redis_url))
     assert f"{depth} 0.0" in client.get("/metrics").text
 
 

@@ -12,11 +12,11 @@ import httpx
 import pytest
 import redis
 import schemathesis
-from hypothesis import strategies as st
-from schemathesis import GenerationMode
 import uvicorn
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from starlette.routing import Route
 
@@ -25,7 +25,7 @@ from gateway.openapi import document
 from ops.stack import free_port
 from schemas.api import Filters, JobRequest
 from schemas.settings import GatewaySettings
-from schemas.tasks import QUEUE_VISION
+from tests.conftest import drop_queued_jobs
 
 KEY = "schemathesis-" + "5a" * 16
 EXAMPLES_PER_OPERATION = 30  # ~10 operations: a few hundred requests, about half a minute on 2 cores
@@ -66,7 +66,7 @@ def live_gateway(settings):
     yield url
     server.should_exit = True
     thread.join(timeout=10)
-    redis.Redis.from_url(gsettings.redis_url).delete(QUEUE_VISION)  # no worker here: drop what was queued
+    drop_queued_jobs(redis.Redis.from_url(gsettings.redis_url))  # no worker here: drop what was queued
 
 
 OPERATIONS = [(path, method) for path, item in document(GatewaySettings()).get("paths").items() for method in item]
