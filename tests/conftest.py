@@ -205,6 +205,15 @@ def drop_queued_jobs(client: redis.Redis) -> None:
     client.delete(QUEUE_VISION, "unacked", "unacked_index", QUEUED_KEY, QUEUED_MESSAGES_KEY)
 
 
+def take_message(client: redis.Redis, task_id: str) -> dict:
+    """Pop the message of ``task_id`` off queue ``vision``, as a worker's BRPOP would."""
+    for raw in client.lrange(QUEUE_VISION, 0, -1):
+        if json.loads(raw)["headers"]["id"] == task_id:
+            client.lrem(QUEUE_VISION, 1, raw)
+            return json.loads(raw)
+    raise AssertionError(f"no message of {task_id} in queue {QUEUE_VISION}")
+
+
 def serve_photos(photo: Callable[[str], bytes | None]) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1: ``GET /<name>`` answers ``photo(name)`` (404 when None).
     Yields its base URL."""

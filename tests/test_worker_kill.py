@@ -18,7 +18,7 @@ import redis
 from schemas.api import JobStatus
 from schemas.jobs import job_key
 from schemas.tasks import QUEUE_VISION, RESTORE_INTERVAL_S
-from tests.conftest import drop_queued_jobs
+from tests.conftest import drop_queued_jobs, take_message
 from tests.test_shutdown import start_worker, statuses, submit_jobs
 from workers.sweep import SWEEP_INTERVAL_S, UNACKED_KEY, broker_task_ids
 
@@ -88,6 +88,24 @@ def test_jobs_of_a_worker_killed_mid_load_are_redelivered_and_finish(settings, s
     finally:
         victim.stop()
         survivor.terminate_and_wait()
+
+
+def test_a_job_whose_message_the_broker_lost_is_sent_again_and_finishes(settings, stack, tmp_path):
+    client = redis.Redis.from_url(settings.redis_url)
+    drop_queued_jobs(client)
+    job_ids = submit_jobs(settings, 3)
+    take_message(client, job_ids[1])  # what a worker killed between BRPOP and recording it as unacked loses
+    worker = start_worker({**stack, "LOOKALIKE_VISIBILITY_TIMEOUT_S": "5"}, tmp_path / "worker.log")
+    try:
+        worker.wait_serving(300)
+        deadline = time.monotonic() + 60
+        while set(statuses(client, job_ids).values()) != {"done"}:
+            assert time.monotonic() < deadline, f"{statuses(client, job_ids)}\n{worker.log()}"
+            time.sleep(0.1)
+        assert f"job {job_ids[1]}: queued for over 5 s" in worker.log()
+        assert "lookalike_worker_messages_resent_total 1.0" in _batch_metrics(worker)
+    finally:
+        worker.terminate_and_wait()
 
 
 def _batch_metrics(worker) -> str:

@@ -11,6 +11,7 @@ from celery import Celery
 
 from schemas.jobs import QUEUED_KEY, QUEUED_MESSAGES_KEY, JobStore, job_key
 from schemas.tasks import QUEUE_VISION, TASK_SEARCH, transport_options
+from tests.conftest import take_message
 from workers.sweep import UNACKED_KEY, LostMessageSweeper
 
 
@@ -33,15 +34,6 @@ def submit(store: JobStore, app: Celery, job_id: str) -> dict:
     return payload
 
 
-def take(client: redis.Redis, task_id: str) -> dict:
-    """Pop the message of ``task_id`` off queue ``vision``, as a worker's BRPOP would."""
-    for raw in client.lrange(QUEUE_VISION, 0, -1):
-        if json.loads(raw)["headers"]["id"] == task_id:
-            client.lrem(QUEUE_VISION, 1, raw)
-            return json.loads(raw)
-    raise AssertionError(f"no message of {task_id} in queue {QUEUE_VISION}")
-
-
 def queued_messages(client: redis.Redis) -> dict[str, dict]:
     """Task id -> payload of each message in queue ``vision``."""
     out = {}
@@ -56,8 +48,8 @@ def test_only_a_message_that_is_nowhere_is_sent_again(broker):
     payloads = {job_id: submit(store, app, job_id) for job_id in ("lost", "held", "waiting", "started")}
     # What a worker killed mid-BRPOP leaves: "lost" popped and never recorded in unacked.
     # "held": taken by a worker (dead or alive) and recorded, as kombu's QoS.append does.
-    take(client, "lost"), take(client, "started")
-    client.hset(UNACKED_KEY, "tag-1", json.dumps([take(client, "held"), "vision", "vision"]))
+    take_message(client, "lost"), take_message(client, "started")
+    client.hset(UNACKED_KEY, "tag-1", json.dumps([take_message(client, "held"), "vision", "vision"]))
     store.running("started")  # a worker took it and started it: it acks or kombu restores it
     sweeper = LostMessageSweeper(store, app, older_than_s=0)
 
@@ -66,7 +58,7 @@ def test_only_a_message_that_is_nowhere_is_sent_again(broker):
     assert store.get("lost").status.value == "queued"
 
     assert LostMessageSweeper(store, app, older_than_s=60).sweep() == []  # its clock restarted
-    take(client, "lost")  # lost again
+    take_message(client, "lost")  # lost again
     assert sweeper.sweep() == ["lost"]  # and sent again
 
 
