@@ -6,7 +6,9 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   bfloat16 on CUDA) on a ready-made float batch of N, N = 1, 8, 32 (and 128 on CUDA);
 - *pipeline*: N real catalog photos (JPEG bytes of ../shared/data/fashion-product-images) through
   what a micro-batch of N jobs does to them: decode (the worker's thread pool), segmentation,
-  letterbox and embedding in one forward pass of N, category heads; the ratio pipeline / raw;
+  letterbox and embedding in one forward pass of N, category heads;
+- both with 1 and with 2 concurrent callers (a worker's two threads), and the ratio of the best
+  pipeline to the best raw forward;
 - *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
   sample catalog; S submitters (1, 4, 16) each submit a photo through the HTTP API, poll it to
   ``done`` and submit the next; jobs/s (median of the rounds) and latency p50/p95 (the jobs' own
@@ -31,8 +33,13 @@ from ops.bench import DATA
 @dataclass
 class ForwardRow:
     batch: int
-    raw_per_s: float
-    pipeline_per_s: float
+    raw_per_s: dict[int, float]  # concurrent callers -> images/s of the model alone
+    pipeline_per_s: dict[int, float]  # concurrent callers -> images/s of the whole pipeline
+
+    @property
+    def ratio(self) -> float:
+        """Best pipeline / best raw forward, over the caller counts measured."""
+        return max(self.pipeline_per_s.values()) / max(self.raw_per_s.values())
 
 
 @dataclass
@@ -58,8 +65,12 @@ def photos(n: int) -> list[bytes]:
     return found
 
 
-def forward_rows(batches: list[int], reps: int, say=print) -> tuple[str, list[ForwardRow]]:
-    """(device, rows): raw forward and pipeline images/s at each batch size."""
+def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2), say=print
+                 ) -> tuple[str, list[ForwardRow]]:
+    """(device, rows): raw forward and pipeline images/s at each batch size, with 1 and 2
+    concurrent callers (a worker runs ``-c 2`` threads: one thread's decoding and segmentation
+    overlap the other's forward pass; the model alone is measured the same way, and the ratio
+    takes the best of each)."""
     import torch
 
     from schemas.settings import WorkerSettings
@@ -71,7 +82,7 @@ def forward_rows(batches: list[int], reps: int, say=print) -> tuple[str, list[Fo
     settings = WorkerSettings()
     heads = CategoryHeads(DEFAULT_DIR)
     heads.load()
-    data = photos(max(batches) * 2)
+    data = photos(max(batches) * 2 * max(callers))
     pool = ThreadPoolExecutor(settings.decode_threads)
     rows = []
     for n in batches:
@@ -81,32 +92,35 @@ def forward_rows(batches: list[int], reps: int, say=print) -> tuple[str, list[Fo
         dtype = torch.bfloat16 if embedder.device.type == "cuda" else torch.float32
         x = torch.randn(n, 3, INPUT_PX, INPUT_PX, device=embedder.device, dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        rounds = max(2, 64 // n)  # at least 64 images per timing at small batches
+        rounds = max(2, 64 // n)  # at least 64 images per caller per timing at small batches
 
-        def raw() -> None:
+        def raw(caller: int) -> None:
             for _ in range(rounds):
                 embedder.forward(x)
             if embedder.device.type == "cuda":
                 torch.cuda.synchronize()
 
-        def pipeline() -> None:
+        def pipeline(caller: int) -> None:
             for r in range(rounds):
-                chunk = [data[(r * n + i) % len(data)] for i in range(n)]
+                chunk = [data[((r * max(callers) + caller) * n + i) % len(data)] for i in range(n)]
                 pixels = list(pool.map(lambda b: decode(b, settings.max_pixels), chunk))
                 crops = [crop for crop, _ in segmenter.crop_all(pixels)]
                 heads.predict(embedder.embed(crops))
 
-        raw(), pipeline()  # warm up (tracing specialises to the batch shape)
-        raw_s, pipe_s = [], []
-        for _ in range(reps):  # interleaved, so the machine's noise hits both alike
-            start = time.perf_counter()
-            raw()
-            raw_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            pipeline()
-            pipe_s.append(time.perf_counter() - start)
-        row = ForwardRow(n, rounds * n / statistics.median(raw_s), rounds * n / statistics.median(pipe_s))
-        say(f"  batch {n}: raw {row.raw_per_s:.1f} img/s, pipeline {row.pipeline_per_s:.1f} img/s")
+        raw(0), pipeline(0)  # warm up (tracing specialises to the batch shape)
+        times = {(kind, c): [] for kind in ("raw", "pipeline") for c in callers}
+        with ThreadPoolExecutor(max(callers)) as threads:
+            for _ in range(reps):  # interleaved, so the machine's noise hits all alike
+                for (kind, c), took in times.items():
+                    run = raw if kind == "raw" else pipeline
+                    start = time.perf_counter()
+                    list(threads.map(run, range(c)))
+                    took.append(time.perf_counter() - start)
+        rate = {key: key[1] * rounds * n / statistics.median(took) for key, took in times.items()}
+        row = ForwardRow(n, {c: rate["raw", c] for c in callers}, {c: rate["pipeline", c] for c in callers})
+        say(f"  batch {n}: raw " + ", ".join(f"{v:.1f}" for v in row.raw_per_s.values())
+            + " img/s, pipeline " + ", ".join(f"{v:.1f}" for v in row.pipeline_per_s.values())
+            + f" img/s with {', '.join(map(str, callers))} caller(s); ratio {row.ratio:.2f}")
         rows.append(row)
     pool.shutdown()
     return str(embedder.device), rows
