@@ -197,7 +197,6 @@ def declared(module: ModuleType) -> dict[str, tuple[str, set[str]]]:
     return families
 
 
-@contextlib.contextmanager
 def drop_queued_jobs(client: redis.Redis) -> None:
     """Forget every job message: the queue, kombu's unacked ones, and the copies the job store keeps
     for the lost-message sweep. Jobs a test left without a worker must not be run, or sent again by
@@ -214,6 +213,7 @@ def take_message(client: redis.Redis, task_id: str) -> dict:
     raise AssertionError(f"no message of {task_id} in queue {QUEUE_VISION}")
 
 
+@contextlib.contextmanager
 def serve_photos(photo: Callable[[str], bytes | None]) -> Iterator[str]:
     """A real HTTP server on 127.0.0.1: ``GET /<name>`` answers ``photo(name)`` (404 when None).
     Yields its base URL."""
