@@ -8,8 +8,10 @@ worker writes the outcome back to Redis, which ``wait_s`` long-polls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+import kombu.exceptions
 import redis
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -135,7 +137,11 @@ async def enqueue(request: Request, task_name: str, task: SearchTask | EmbedTask
         await run_in_threadpool(state.store.create, task.job_id, data, (task_name, payload))
         await run_in_threadpool(state.celery.send_task, task_name, args=[payload], queue=QUEUE_VISION,
                                 task_id=task.job_id)
-    except (redis.RedisError, OSError) as exc:
+    except (redis.RedisError, OSError, kombu.exceptions.OperationalError) as exc:
+        # Stored but not sent (Redis went away in between): the caller never learns the job's id,
+        # so the lost-message sweep must not send it later either.
+        with contextlib.suppress(redis.RedisError):
+            await run_in_threadpool(state.store.forget_queued, task.job_id)
         raise ApiError(503, "unavailable", f"the job queue is unavailable ({type(exc).__name__}); retry shortly",
                        headers={"Retry-After": "5"}) from None
     metrics.JOBS_SUBMITTED.inc()

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from schemas.api import Box, SearchResult
-from schemas.jobs import JobStore, upload_key
+from schemas.jobs import QUEUED_KEY, QUEUED_MESSAGES_KEY, JobStore, upload_key
 from schemas.settings import GatewaySettings
 from schemas.tasks import QUEUE_VISION, TASK_EMBED, EmbedTask
 from tests.gateway.conftest import queued_task
@@ -184,3 +184,19 @@ def test_bad_embedding_requests_name_the_field(client, rclient, body, code, fiel
     assert response.status_code == 422, response.text
     assert (response.json()["error"]["code"], response.json()["error"]["field"]) == (code, field)
     assert rclient.llen(QUEUE_VISION) == 0
+
+
+def test_a_job_the_broker_refuses_gets_503_and_is_not_kept_for_the_sweep(client, rclient, monkeypatch):
+    """Redis gone between storing the job and sending its message: 503 with Retry-After, and the
+    job is not left for the lost-message sweep to send (its caller never got its id)."""
+    import kombu.exceptions
+    from celery import Celery
+
+    def refuse(*args, **kwargs):
+        raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    monkeypatch.setattr(Celery, "send_task", refuse)
+    response = client.post("/v1/jobs", files={"image": ("shirt.jpg", jpeg())})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "unavailable" and response.headers["Retry-After"] == "5"
+    assert rclient.zcard(QUEUED_KEY) == 0 and rclient.hlen(QUEUED_MESSAGES_KEY) == 0
