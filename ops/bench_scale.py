@@ -104,10 +104,15 @@ def start_gateway(env: dict[str, str], log_dir: Path) -> tuple[Proc, str]:
     return gateway, url
 
 
+def worker_proc(env: dict[str, str], log_path: Path, name: str) -> Proc:
+    """A vision worker as the Procfile runs it (``-P threads -c 2``), just started."""
+    return Proc([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", "vision", "-P", "threads",
+                 "-c", "2", "-n", f"{name}@%h", "--loglevel", "WARNING"], env, log_path)
+
+
 def start_worker(env: dict[str, str], log_path: Path, name: str) -> Proc:
-    """A vision worker as the Procfile runs it (``-P threads -c 2``), serving its metrics."""
-    worker = Proc([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", "vision", "-P", "threads",
-                   "-c", "2", "-n", f"{name}@%h", "--loglevel", "WARNING"], env, log_path)
+    """:func:`worker_proc`, once it serves its metrics (model and replicas loaded)."""
+    worker = worker_proc(env, log_path, name)
     worker.wait(lambda: worker.metrics() is not None, "a worker")
     return worker
 
@@ -134,9 +139,8 @@ def bench_workers(env: dict[str, str], log_dir: Path, counts: tuple[int, ...], j
     runs = []
     try:
         for n in counts:
-            workers = [Proc([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", "vision", "-P", "threads",
-                             "-c", "2", "-n", f"bench{i}-{uuid.uuid4().hex[:4]}@%h", "--loglevel", "WARNING"],
-                            env, log_dir / f"worker-{n}-{i}.log") for i in range(n)]
+            workers = [worker_proc(env, log_dir / f"worker-{n}-{i}.log", f"bench{i}-{uuid.uuid4().hex[:4]}")
+                       for i in range(n)]  # all loading at once, then waited for
             try:
                 for worker in workers:
                     worker.wait(lambda w=worker: w.metrics() is not None, "a worker")

@@ -103,12 +103,10 @@ class JobStore:
         again after its job finished (the worker was killed between writing the result and
         acknowledging the message) must not run it a second time."""
         current = self.get(job_id)
-        if current is not None and current.status in (JobState.done, JobState.failed):
-            self.forget_queued(job_id)
-            return None
-        status = self._update(job_id, status=JobState.running)
         self.forget_queued(job_id)
-        return status
+        if current is not None and current.status in (JobState.done, JobState.failed):
+            return None
+        return self._update(job_id, status=JobState.running)
 
     def done(self, job_id: str, result: SearchResult | EmbeddingResult, timings: dict[str, float]) -> JobStatus:
         status = self._update(job_id, status=JobState.done, result=result, timings=timings)

@@ -69,7 +69,7 @@ def test_jobs_of_a_worker_killed_mid_load_are_redelivered_and_finish(settings, s
             stalled = time.monotonic() - progress_at
             assert stalled < VISIBILITY_TIMEOUT_S + RESTORE_INTERVAL_S + 30, (
                 f"no job finished for {stalled:.0f} s: {statuses(client, job_ids)}\n"
-                f"survivor's metrics: {_batch_metrics(survivor)}\n{_broker_state(client)}\n{survivor.log()}")
+                f"survivor's metrics: {_worker_metrics(survivor)}\n{_broker_state(client)}\n{survivor.log()}")
             time.sleep(0.05)
         for job_id, status in _read(client, list(stranded)).items():
             redelivered.setdefault(job_id, status.updated_at - killed_at)
@@ -103,12 +103,12 @@ def test_a_job_whose_message_the_broker_lost_is_sent_again_and_finishes(settings
             assert time.monotonic() < deadline, f"{statuses(client, job_ids)}\n{worker.log()}"
             time.sleep(0.1)
         assert f"job {job_ids[1]}: queued for over 5 s" in worker.log()
-        assert "lookalike_worker_messages_resent_total 1.0" in _batch_metrics(worker)
+        assert "lookalike_worker_messages_resent_total 1.0" in _worker_metrics(worker)
     finally:
         worker.terminate_and_wait()
 
 
-def _batch_metrics(worker) -> str:
+def _worker_metrics(worker) -> str:
     try:
         text = httpx.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
     except httpx.HTTPError as exc:

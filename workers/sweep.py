@@ -97,14 +97,6 @@ class LostMessageSweeper:
 
 def broker_task_ids(client: redis.Redis) -> set[str]:
     """Task ids of the messages waiting in queue ``vision`` and of those taken but not acknowledged."""
-    ids = set()
-    for raw in client.lrange(QUEUE_VISION, 0, -1):
-        ids.add(_task_id(json.loads(raw)))
-    for raw in client.hvals(UNACKED_KEY):
-        ids.add(_task_id(json.loads(raw)[0]))  # [message, exchange, routing key]
-    ids.discard(None)
-    return ids
-
-
-def _task_id(message: dict) -> str | None:
-    return (message.get("headers") or {}).get("id") or (message.get("properties") or {}).get("correlation_id")
+    messages = [json.loads(raw) for raw in client.lrange(QUEUE_VISION, 0, -1)]
+    messages += [json.loads(raw)[0] for raw in client.hvals(UNACKED_KEY)]  # [message, exchange, routing key]
+    return {m["headers"]["id"] for m in messages if "id" in (m.get("headers") or {})}
