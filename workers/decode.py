@@ -87,7 +87,7 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.nda
                 raise ImageRejected(f"the image is {width}x{height} px; both sides must be at least "
                                     f"{MIN_SIDE_PX} px, send a larger photo", "too_small")
             image.load()  # the first frame or page only
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
             return _to_rgb(image)
     except UnidentifiedImageError:
         if data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
@@ -127,7 +127,7 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
 def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
