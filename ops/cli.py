@@ -319,17 +319,20 @@ def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay
                                             help="Catalog features from `lookalike train --cache` (per folder)."),
                  as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
                  segment: bool = typer.Option(True, help="Crop to the product first, as workers with "
-                                                         "LOOKALIKE_SEGMENT do (and as the --cache was made).")
+                                                         "LOOKALIKE_SEGMENT do (and as the --cache was made)."),
+                 votes: bool = typer.Option(True, help="Blend the heads with the catalog neighbours' labels, as "
+                                                       "workers with LOOKALIKE_CATEGORY_VOTES do.")
                  ) -> None:
     """Search every query photo in an in-memory index of the catalog photos; print precision@k,
-    exact-product recall, the heads' category accuracy and images/s."""
+    exact-product recall, the category accuracy (with the catalog's votes and of the heads alone)
+    and images/s."""
     import json
 
     from workers.classify import CategoryHeads
     from workers.evaluate import evaluate
 
     result = evaluate(catalog_images, styles, queries, k, heads=CategoryHeads(heads) if heads else None,
-                      catalog_cache=cache, segment=segment)
+                      catalog_cache=cache, segment=segment, votes=votes)
     if as_json:
         print(json.dumps(result))
         return
@@ -337,6 +340,7 @@ def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay
                   f"{result['n_catalog']} catalog photos, k={k}")
     table.add_row(f"precision@{k}", *(_pct(v) for v in result["precision_at_k"].values()))
     table.add_row("category accuracy", *(_pct(v) for v in result["category_accuracy"].values()))
+    table.add_row("  heads alone", *(_pct(v) for v in result["category_accuracy_heads"].values()))
     console.print(table)
     console.print(f"exact product: recall@1 {_pct(result['exact_recall_at_1'])}, recall@{k} "
                   f"{_pct(result['exact_recall_at_k'])}; {result['images_per_s']} query images/s")

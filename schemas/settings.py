@@ -140,6 +140,9 @@ class WorkerSettings(ModelSettings, FetchSettings):
     replica_status_interval_s: float = Field(1.0, gt=0, description="How often a worker reports its replicas to Redis.")
     heads_dir: str = Field("", description="Category heads (a `lookalike train --out` directory); empty: the "
                                            "ones shipped in workers/models/.")
+    category_votes: bool = Field(True, description=(
+        "Blend the category heads with the categories of the query's 10 nearest catalog products "
+        "(workers/classify.py); false: the heads alone."))
     auto_category_min_prob: float = Field(0.7, ge=0, le=1, description=(
         "`category: auto` searches within the most specific predicted level whose top probability is at least this."))
     job_batch_size: int = Field(4, ge=1, le=256, description=(

@@ -9,12 +9,13 @@ and is searched in it. Labels come from a ``styles.csv``-like file (``id`` plus 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from workers.classify import LEVELS, CategoryHeads
+from workers.classify import KNN_K, LEVELS, CategoryHeads
 from workers.decode import decode
 from workers.embed import Embedder
 from workers.segment import Segmenter, segmented
@@ -29,14 +30,17 @@ def photos(directory: Path) -> list[Path]:
                   key=lambda p: int(p.stem))
 
 
-def pipeline(paths: list[Path], embedder: Embedder, heads: CategoryHeads | None, segment: bool = True,
-             threads: int = 2, chunk: int = 256) -> tuple[np.ndarray, list[dict]]:
+def pipeline(paths: list[Path], embedder: Embedder, classify: Callable[[np.ndarray], list[dict]] | None,
+             segment: bool = True, threads: int = 2, chunk: int = 256) -> tuple[np.ndarray, list[dict]]:
     """Decode (in a thread pool, ``chunk`` photos at a time), segment (unless ``segment`` is False),
     embed and classify, as the worker does.
 
+    Args:
+        classify: float32 (n, 1280) vectors -> n predictions (:meth:`CategoryHeads.predict`); None: none.
+
     Returns:
         float32 (N, 1280) L2-normalised vectors, and per photo ``{level: [(label, prob), ...]}``
-        (empty dicts without heads).
+        (empty dicts without ``classify``).
     """
     vectors, predicted = [np.zeros((0, embedder.dim), np.float32)], []
     embed = segmented(embedder.embed, Segmenter(embedder.device) if segment else None)
@@ -45,13 +49,13 @@ def pipeline(paths: list[Path], embedder: Embedder, heads: CategoryHeads | None,
             part = paths[n:n + chunk]
             v = embed(list(pool.map(lambda p: decode(p.read_bytes(), MAX_PIXELS), part)))
             vectors.append(v)
-            predicted += heads.predict(v) if heads is not None else [{} for _ in part]
+            predicted += classify(v) if classify is not None else [{} for _ in part]
     return np.concatenate(vectors), predicted
 
 
 def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
              embedder: Embedder | None = None, heads: CategoryHeads | None = None,
-             catalog_cache: Path | None = None, segment: bool = True) -> dict:
+             catalog_cache: Path | None = None, segment: bool = True, votes: bool = True) -> dict:
     """Search every query photo in the catalog's photos and score the results against the labels.
 
     Args:
@@ -63,12 +67,15 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
             --cache``, :func:`workers.train.extract_features`, made with the same ``segment``); the queries
             always run the whole pipeline.
         segment: Crop photos to the product before embedding, as a worker with ``LOOKALIKE_SEGMENT`` does.
+        votes: Blend the heads with the labels of each query's nearest catalog photos, as a worker with
+            ``LOOKALIKE_CATEGORY_VOTES`` does (:mod:`workers.classify`); False: the heads alone.
 
     Returns:
         ``precision_at_k``: ``{level: mean fraction of the top k with the query's label}``;
         ``exact_recall_at_1`` / ``exact_recall_at_k``: fraction of queries whose id is in the catalog
         found first / in the top k (None when no query id is in the catalog);
-        ``category_accuracy``: ``{level: top-1 accuracy of the heads}``; ``images_per_s``: query photos
+        ``category_accuracy``: ``{level: top-1 accuracy of the category prediction}`` (with the catalog's
+        votes unless ``votes`` is False); ``category_accuracy_heads``: the same, heads alone; ``images_per_s``: query photos
         through decode + segment + embed + classify per second of wall time; ``n_queries``, ``n_catalog``, ``k``.
     """
     import faiss
@@ -91,19 +98,25 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
         index.add_with_ids(pipeline(missing, embedder, None, segment)[0], np.array([int(p.stem) for p in missing]))
     heads.load()
     embedder.load()
+
+    def classify(vectors: np.ndarray) -> list[dict]:
+        if not votes:
+            return heads.predict(vectors)
+        scores, ids = index.search(vectors, KNN_K)
+        return heads.predict(vectors, neighbours=[[(float(s), labels[int(i)]) for s, i in zip(ss, ii) if i >= 0]
+                                                  for ss, ii in zip(scores, ids)])
+
     start = time.perf_counter()
-    vectors, predicted = pipeline(query_paths, embedder, heads, segment)
+    vectors, predicted = pipeline(query_paths, embedder, classify, segment)
     images_per_s = len(query_paths) / max(time.perf_counter() - start, 1e-9)
+    heads_alone = heads.predict(vectors)
     _, found = index.search(vectors, k)
 
-    precision, correct = {}, {}
+    precision = {}
     for level in LEVELS:
         hits = [np.mean([labels.get(int(i), {}).get(level) == labels[q].get(level) for i in row])
                 for q, row in zip(query_ids, found) if labels[q].get(level)]
         precision[level] = round(float(np.mean(hits)), 4) if hits else None
-        right = [p[level][0][0] == labels[q][level] for q, p in zip(query_ids, predicted)
-                 if labels[q].get(level) and level in p]
-        correct[level] = round(float(np.mean(right)), 4) if right else None
     in_catalog = set(catalog_ids.tolist())
     exact = [row for q, row in zip(query_ids, found) if q in in_catalog]
     exact_at_1 = [row[0] == q for q, row in zip(query_ids, found) if q in in_catalog]
@@ -111,5 +124,16 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
     return {"precision_at_k": precision,
             "exact_recall_at_1": round(float(np.mean(exact_at_1)), 4) if exact else None,
             "exact_recall_at_k": round(float(np.mean(exact_at_k)), 4) if exact else None,
-            "category_accuracy": correct, "images_per_s": round(images_per_s, 1),
+            "category_accuracy": _accuracy(predicted, query_ids, labels),
+            "category_accuracy_heads": _accuracy(heads_alone, query_ids, labels), "images_per_s": round(images_per_s, 1),
             "n_queries": len(query_ids), "n_catalog": len(catalog_ids), "k": k}
+
+
+def _accuracy(predicted: list[dict], query_ids: list[int], labels: dict[int, dict[str, str]]) -> dict:
+    """``{level: top-1 accuracy}`` over the queries labelled at that level (None where none is)."""
+    out = {}
+    for level in LEVELS:
+        right = [p[level][0][0] == labels[q][level] for q, p in zip(query_ids, predicted)
+                 if labels[q].get(level) and level in p]
+        out[level] = round(float(np.mean(right)), 4) if right else None
+    return out

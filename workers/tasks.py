@@ -28,7 +28,7 @@ from schemas.jobs import JobStore
 from schemas.settings import WorkerSettings
 from schemas.tasks import QUEUE_VISION, TASK_EMBED, TASK_SEARCH, EmbedTask, SearchTask, transport_options
 from workers import catalog, metrics
-from workers.classify import DEFAULT_DIR, CategoryHeads, auto_category
+from workers.classify import DEFAULT_DIR, KNN_K, LEVELS, CategoryHeads, Neighbours, auto_category
 from workers.decode import decode
 from workers.embed import Embedder
 from workers.errors import CropRejected, InvalidInput, UploadExpired
@@ -172,8 +172,19 @@ class Runtime:
             job.vector = vector[None, :]
 
     def _classify(self, jobs: list[Job]) -> None:
-        for job, predicted in zip(jobs, self.heads.predict(np.concatenate([job.vector for job in jobs]))):
+        vectors = np.concatenate([job.vector for job in jobs])
+        neighbours = self._neighbours(vectors) if self.settings.category_votes else None
+        for job, predicted in zip(jobs, self.heads.predict(vectors, neighbours=neighbours)):
             job.predicted = predicted
+
+    def _neighbours(self, vectors: np.ndarray) -> list[Neighbours]:
+        """The ``KNN_K`` nearest catalog products of each vector (float32 (N, 1280)) with their
+        categories, from the replicas and one PostgreSQL query: the votes of :class:`CategoryHeads`."""
+        scores, ids = self.replica.shards.search(vectors, KNN_K)
+        rows = catalog.fetch_products(self.engine, sorted({int(i) for i in ids.ravel() if i >= 0}))
+        return [[(float(s), {level: getattr(rows[i], level) for level in LEVELS})
+                 for s, i in zip(row_scores, row_ids) if int(i) in rows]
+                for row_scores, row_ids in zip(scores, ids)]
 
     def _search(self, job: Job) -> None:
         task = job.task

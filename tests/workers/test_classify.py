@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE
-from workers.classify import LEVELS, OTHER, CategoryHeads, auto_category
+from workers.classify import KNN_K, KNN_TAU, KNN_WEIGHT, LEVELS, OTHER, CategoryHeads, auto_category
 from workers.decode import decode
 from workers.train import read_styles, train
 
@@ -59,6 +59,40 @@ def test_auto_takes_the_most_specific_level_that_is_sure_enough(probs, expected)
     prediction = {"master_category": [("Apparel", probs[0])], "sub_category": [("Topwear", probs[1])],
                   "article_type": [("Shirts", probs[2])]}
     assert auto_category(prediction, 0.5) == expected
+
+
+def test_votes_weigh_each_neighbour_by_its_similarity(heads):
+    """exp((s - s_max) / KNN_TAU): a neighbour 0.02 less similar than the best counts e^-1 as much; unknown
+    labels count for "other", unlabelled neighbours and those past KNN_K not at all."""
+    found = [(0.90, {"article_type": "Shirts"}), (0.88, {"article_type": "Jeans"}),
+             (0.88, {"article_type": "No Such Type"}), (0.87, {"article_type": None})]
+    found += [(0.5, {"article_type": "Watches"})] * KNN_K  # beyond the first KNN_K
+    votes = heads.votes("article_type", [found, []])
+    names = heads.labels["article_type"]
+    weights = {"Shirts": 1.0, "Jeans": np.exp(-0.02 / KNN_TAU), OTHER: np.exp(-0.02 / KNN_TAU)}
+    weights["Watches"] = (KNN_K - 4) * np.exp(-0.4 / KNN_TAU)
+    total = sum(weights.values())
+    for name, weight in weights.items():
+        assert votes[0, names.index(name)] == pytest.approx(weight / total, rel=1e-5)
+    assert votes[0].sum() == pytest.approx(1.0) and not votes[1].any()
+
+
+def test_the_catalogs_votes_move_the_prediction_and_nothing_else(heads):
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(3, 1280)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    alone = heads.probabilities(features)
+    neighbours = [[(0.95, {"master_category": "Footwear", "sub_category": "Shoes", "article_type": "Casual Shoes"})] * 3,
+                  [],  # no neighbours: the heads alone
+                  [(0.9, {"master_category": None})]]  # nobody labelled: the heads alone
+    blended = heads.probabilities(features, neighbours)
+    for level, p in blended.items():
+        assert np.allclose(p.sum(axis=1), 1, atol=1e-5)
+        assert np.array_equal(p[1:], alone[level][1:])
+        voted = heads.labels[level].index(neighbours[0][0][1][level])
+        assert p[0, voted] == pytest.approx((1 - KNN_WEIGHT) * alone[level][0, voted] + KNN_WEIGHT, rel=1e-5)
+    top = heads.predict(features, neighbours=neighbours)[0]
+    assert [top[level][0][0] for level in LEVELS] == ["Footwear", "Shoes", "Casual Shoes"]
 
 
 def test_auto_never_restricts_to_other():

@@ -43,17 +43,18 @@ def test_eval_scores_retrieval_and_categories(sample_slice, embedder):
         "master_category", "sub_category", "article_type"}
     assert result["precision_at_k"]["master_category"] >= 0.6
     assert result["category_accuracy"]["master_category"] >= 0.9
+    assert set(result["category_accuracy_heads"]) == set(result["category_accuracy"])
     assert result["images_per_s"] > 0
 
 
 def test_eval_json_prints_one_object(sample_slice, monkeypatch):
     seen = {}
 
-    def fake(catalog_images, styles, queries, k, heads=None, catalog_cache=None, segment=True):
-        seen.update(catalog=catalog_images, k=k, segment=segment)
+    def fake(catalog_images, styles, queries, k, heads=None, catalog_cache=None, segment=True, votes=True):
+        seen.update(catalog=catalog_images, k=k, segment=segment, votes=votes)
         return {"precision_at_k": {"article_type": 0.5}, "exact_recall_at_1": None, "exact_recall_at_k": None,
-                "category_accuracy": {"article_type": 0.9}, "images_per_s": 12.0, "n_queries": 10,
-                "n_catalog": 40, "k": k}
+                "category_accuracy": {"article_type": 0.9}, "category_accuracy_heads": {"article_type": 0.8},
+                "images_per_s": 12.0, "n_queries": 10, "n_catalog": 40, "k": k}
 
     monkeypatch.setattr(evaluate_module, "evaluate", fake)
     result = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
@@ -61,6 +62,11 @@ def test_eval_json_prints_one_object(sample_slice, monkeypatch):
                                       "--k", "7", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["n_queries"] == 10 and seen["k"] == 7 and seen["segment"] is True
+    assert seen["votes"] is True
     table = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
                                      str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries")])
     assert table.exit_code == 0 and "precision@5" in table.output and "n/a" in table.output
+    assert "heads alone" in table.output
+    CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
+                             str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries"), "--no-votes"])
+    assert seen["votes"] is False
