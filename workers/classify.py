@@ -17,10 +17,13 @@ blended with the labels of the query's nearest catalog products, a similarity-we
 ``exp((s - s_max) / KNN_TAU)`` for its label (the weighted kNN of Wu et al., "Unsupervised Feature
 Learning via Non-Parametric Instance Discrimination", CVPR 2018; the interpolation of a model's
 distribution with a kNN one as in Khandelwal et al., "Generalization through Memorization: Nearest
-Neighbor Language Models", ICLR 2020). The three constants were chosen on the early-stopping split
-(``id % 10 == 1``) of ``images-224``, with the other training photos as the catalog (grid: k 5, 10,
-20, 40; tau 0.02, 0.05, 0.1, 1; weight 0.2-0.5; best summed accuracy of the three levels), never on
-the validation split; the README gives the figures.
+Neighbor Language Models", ICLR 2020). Only a query whose nearest neighbour is at least
+``KNN_MIN_SIMILARITY`` similar is voted on: a photo unlike anything in the catalog keeps the heads'
+answer. The constants were chosen on the early-stopping split (``id % 10 == 1``) with the other
+training photos of ``images-224`` as the catalog, never on the validation split: first k, tau and
+weight on its 224-px photos (grid: k 5, 10, 20, 40; tau 0.02, 0.05, 0.1, 1; weight 0.2-0.5), then
+the similarity floor on its 224-px and 60x80 photos together (0, 0.7, 0.75, 0.8, 0.85, 0.9), each
+by the best summed accuracy of the three levels; the README gives the figures.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ TOP = 3
 KNN_K = 10  # catalog neighbours that vote (see the module docstring)
 KNN_TAU = 0.02  # vote weight exp((s - s_max) / tau), s the cosine similarity
 KNN_WEIGHT = 0.5  # share of the votes in the blend
+KNN_MIN_SIMILARITY = 0.7  # no votes unless the nearest neighbour's cosine similarity reaches this
 
 # One query's nearest catalog products: (cosine similarity, {level: label or None}), most similar first.
 Neighbours = list[tuple[float, dict[str, str | None]]]
@@ -126,7 +130,8 @@ class CategoryHeads:
         """The similarity-weighted label votes of each image's first :data:`KNN_K` neighbours.
 
         A label the heads do not know counts for :data:`OTHER` (or not at all if there is none); a
-        neighbour without a label at ``level`` does not vote.
+        neighbour without a label at ``level`` does not vote, and nobody votes on an image whose
+        nearest neighbour is less similar than :data:`KNN_MIN_SIMILARITY`.
 
         Returns:
             float32 (N, classes): each row sums to 1, or is all zeros when nobody voted.
@@ -141,6 +146,8 @@ class CategoryHeads:
             if not found:
                 continue
             best = max(score for score, _ in found)
+            if best < KNN_MIN_SIMILARITY:
+                continue
             for score, labels in found:
                 j = column.get(labels.get(level), other) if labels.get(level) else None
                 if j is not None:

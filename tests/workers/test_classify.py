@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SAMPLE
-from workers.classify import KNN_K, KNN_TAU, KNN_WEIGHT, LEVELS, OTHER, CategoryHeads, auto_category
+from workers.classify import KNN_K, KNN_MIN_SIMILARITY, KNN_TAU, KNN_WEIGHT, LEVELS, OTHER, CategoryHeads, auto_category
 from workers.decode import decode
 from workers.train import read_styles, train
 
@@ -67,14 +67,15 @@ def test_votes_weigh_each_neighbour_by_its_similarity(heads):
     found = [(0.90, {"article_type": "Shirts"}), (0.88, {"article_type": "Jeans"}),
              (0.88, {"article_type": "No Such Type"}), (0.87, {"article_type": None})]
     found += [(0.5, {"article_type": "Watches"})] * KNN_K  # beyond the first KNN_K
-    votes = heads.votes("article_type", [found, []])
+    far = [(KNN_MIN_SIMILARITY - 0.01, {"article_type": "Shirts"})]  # unlike anything in the catalog
+    votes = heads.votes("article_type", [found, [], far])
     names = heads.labels["article_type"]
     weights = {"Shirts": 1.0, "Jeans": np.exp(-0.02 / KNN_TAU), OTHER: np.exp(-0.02 / KNN_TAU)}
     weights["Watches"] = (KNN_K - 4) * np.exp(-0.4 / KNN_TAU)
     total = sum(weights.values())
     for name, weight in weights.items():
         assert votes[0, names.index(name)] == pytest.approx(weight / total, rel=1e-5)
-    assert votes[0].sum() == pytest.approx(1.0) and not votes[1].any()
+    assert votes[0].sum() == pytest.approx(1.0) and not votes[1].any() and not votes[2].any()
 
 
 def test_the_catalogs_votes_move_the_prediction_and_nothing_else(heads):
