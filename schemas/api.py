@@ -219,7 +219,8 @@ class Product(BaseModel):
 
 class CategoryScore(BaseModel):
     label: str = Field(description="A category of the catalog, or `other` (rare categories folded together).")
-    prob: float = Field(description="Softmax probability of the category heads, in [0, 1].")
+    prob: float = Field(description="Probability in [0, 1]: the category heads' softmax, blended with the votes of "
+                                    "the nearest catalog products unless LOOKALIKE_CATEGORY_VOTES is false.")
 
 
 class SearchResult(BaseModel):

@@ -107,6 +107,33 @@ def test_query_photos_outside_the_catalog_find_their_master_category(system, ind
     assert precision["masterCategory"] >= 0.90
 
 
+def test_the_worker_blends_the_catalogs_votes_into_the_categories(system, indexed, embedder):
+    """A catalog product's own photo is its own nearest neighbour (cosine ~1, the others far behind), so its
+    labels get about half the probability on top of half the heads' (workers/classify.py)."""
+    from workers.classify import OTHER, CategoryHeads
+    from workers.decode import decode
+    from workers.segment import Segmenter, segmented
+
+    heads, embed = CategoryHeads(), segmented(embedder.embed, Segmenter())
+    columns = {"master_category": "masterCategory", "sub_category": "subCategory", "article_type": "articleType"}
+    catalog_labels = labels(SAMPLE / "products.csv")
+    unsure = 0
+    for product_id in indexed[::20]:
+        photo = (SAMPLE / "images" / f"{product_id}.jpg").read_bytes()
+        status = search(system, photo)
+        assert status["status"] == "done", status
+        alone = heads.probabilities(embed([decode(photo, 1 << 24)]))
+        for level, column in columns.items():
+            names = heads.labels[level]
+            own = catalog_labels[product_id][column] if catalog_labels[product_id][column] in names else OTHER
+            top = status["result"]["categories"][level][0]
+            heads_prob = float(alone[level][0, names.index(own)])
+            assert top["label"] == own, (product_id, level, top)
+            assert top["prob"] >= 0.5 * heads_prob + 0.45, (product_id, level, top, heads_prob)
+            unsure += heads_prob < 0.9  # where the heads alone would fail the line above
+    assert unsure >= 3
+
+
 def test_a_job_whose_image_cannot_be_decoded_ends_failed_with_the_reason(system, indexed):
     truncated = (SAMPLE / "queries" / "17423.jpg").read_bytes()[:400]  # a valid header, then nothing
     status = search(system, truncated)

@@ -30,13 +30,14 @@ def photos(directory: Path) -> list[Path]:
                   key=lambda p: int(p.stem))
 
 
-def pipeline(paths: list[Path], embedder: Embedder, classify: Callable[[np.ndarray], list[dict]] | None,
+def pipeline(paths: list[Path], embedder: Embedder, classify: Callable[[np.ndarray, list[int]], list[dict]] | None,
              segment: bool = True, threads: int = 2, chunk: int = 256) -> tuple[np.ndarray, list[dict]]:
     """Decode (in a thread pool, ``chunk`` photos at a time), segment (unless ``segment`` is False),
     embed and classify, as the worker does.
 
     Args:
-        classify: float32 (n, 1280) vectors -> n predictions (:meth:`CategoryHeads.predict`); None: none.
+        classify: (float32 (n, 1280) vectors, their n product ids) -> n predictions (as
+            :meth:`CategoryHeads.predict`); None: none.
 
     Returns:
         float32 (N, 1280) L2-normalised vectors, and per photo ``{level: [(label, prob), ...]}``
@@ -49,7 +50,7 @@ def pipeline(paths: list[Path], embedder: Embedder, classify: Callable[[np.ndarr
             part = paths[n:n + chunk]
             v = embed(list(pool.map(lambda p: decode(p.read_bytes(), MAX_PIXELS), part)))
             vectors.append(v)
-            predicted += classify(v) if classify is not None else [{} for _ in part]
+            predicted += classify(v, [int(p.stem) for p in part]) if classify is not None else [{} for _ in part]
     return np.concatenate(vectors), predicted
 
 
@@ -75,7 +76,8 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
         ``exact_recall_at_1`` / ``exact_recall_at_k``: fraction of queries whose id is in the catalog
         found first / in the top k (None when no query id is in the catalog);
         ``category_accuracy``: ``{level: top-1 accuracy of the category prediction}`` (with the catalog's
-        votes unless ``votes`` is False); ``category_accuracy_heads``: the same, heads alone; ``images_per_s``: query photos
+        votes unless ``votes`` is False; a query's own product never votes); ``category_accuracy_heads``:
+        the same, heads alone; ``images_per_s``: query photos
         through decode + segment + embed + classify per second of wall time; ``n_queries``, ``n_catalog``, ``k``.
     """
     import faiss
@@ -99,12 +101,14 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
     heads.load()
     embedder.load()
 
-    def classify(vectors: np.ndarray) -> list[dict]:
+    def classify(vectors: np.ndarray, query_ids: list[int]) -> list[dict]:
+        """The heads, and the votes of the catalog photos nearest each query other than its own product's
+        (which would give away its label)."""
         if not votes:
             return heads.predict(vectors)
-        scores, ids = index.search(vectors, KNN_K)
-        return heads.predict(vectors, neighbours=[[(float(s), labels[int(i)]) for s, i in zip(ss, ii) if i >= 0]
-                                                  for ss, ii in zip(scores, ids)])
+        scores, ids = index.search(vectors, KNN_K + 1)
+        return heads.predict(vectors, neighbours=[[(float(s), labels[int(i)]) for s, i in zip(ss, ii) if i not in (-1, q)]
+                                                  for ss, ii, q in zip(scores, ids, query_ids)])
 
     start = time.perf_counter()
     vectors, predicted = pipeline(query_paths, embedder, classify, segment)

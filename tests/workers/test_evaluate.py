@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 from ops.cli import app
 from tests.conftest import SAMPLE
 from workers import evaluate as evaluate_module
+from workers.classify import CategoryHeads
 from workers.evaluate import evaluate, photos
+from workers.train import read_styles
 
 KEYS = {"precision_at_k", "exact_recall_at_1", "exact_recall_at_k", "category_accuracy", "images_per_s", "n_queries"}
 
@@ -45,6 +47,31 @@ def test_eval_scores_retrieval_and_categories(sample_slice, embedder):
     assert result["category_accuracy"]["master_category"] >= 0.9
     assert set(result["category_accuracy_heads"]) == set(result["category_accuracy"])
     assert result["images_per_s"] > 0
+
+
+def test_a_querys_own_product_never_votes_for_its_category(sample_slice, embedder, tmp_path):
+    """A query that is a catalog photo is voted on by the other catalog photos only."""
+    seen = []
+
+    class Recording(CategoryHeads):
+        def predict(self, features, top=3, neighbours=None):
+            seen.extend(neighbours or [])
+            return super().predict(features, top, neighbours)
+
+    for name in ("catalog", "queries"):
+        (tmp_path / name).mkdir()
+    catalog = photos(sample_slice / "catalog")[:3]
+    for path in catalog:
+        shutil.copy(path, tmp_path / "catalog")
+    shutil.copy(catalog[0], tmp_path / "queries")
+    result = evaluate(tmp_path / "catalog", sample_slice / "styles.csv", tmp_path / "queries", k=1, embedder=embedder,
+                      heads=Recording())
+    assert result["exact_recall_at_1"] == 1.0  # its own photo is in the catalog, and found
+    assert len(seen) == 1 and len(seen[0]) == 2  # the two other photos voted, not its own
+    own = read_styles(sample_slice / "styles.csv")[int(catalog[0].stem)]
+    others = [read_styles(sample_slice / "styles.csv")[int(p.stem)] for p in catalog[1:]]
+    assert sorted(labels["article_type"] for _, labels in seen[0]) == sorted(o["article_type"] for o in others)
+    assert all(score < 0.999 for score, _ in seen[0]), own
 
 
 def test_eval_json_prints_one_object(sample_slice, monkeypatch):
