@@ -95,6 +95,22 @@ def engine(settings) -> sa.Engine:
     engine.dispose()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``slow`` tests run only when asked for (``-m slow``); ``gpu`` tests only where CUDA is."""
+    asked = config.getoption("markexpr") or ""
+    cuda = None
+    for item in items:
+        if "slow" in item.keywords and "slow" not in asked:
+            item.add_marker(pytest.mark.skip(reason="needs minutes of CPU: run with -m slow (make test-slow)"))
+        if "gpu" in item.keywords:
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture(scope="session")
 def embedder():
     from workers.embed import Embedder
