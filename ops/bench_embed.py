@@ -5,8 +5,9 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
 - *raw forward*: the model (as the workers run it: traced and frozen channels_last on CPU,
   bfloat16 on CUDA) on a ready-made float batch of N, N = 1, 8, 32 (and 128 on CUDA);
 - *pipeline*: N real catalog photos (JPEG bytes of ../shared/data/fashion-product-images) through
-  what a micro-batch of N jobs does to them: decode (the worker's thread pool), segmentation,
-  letterbox and embedding in one forward pass of N, category heads;
+  what a micro-batch of N jobs does to them: decode (the worker's thread pool; on CUDA one nvJPEG
+  call, :mod:`workers.gpu`), segmentation, letterbox and embedding in one forward pass of N, the
+  category heads (without the catalog's votes, which need a worker's replicas);
 - both with 1 and with 2 concurrent callers (a worker's two threads), and the ratio of the best
   pipeline to the best raw forward;
 - *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
@@ -75,6 +76,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
 
     from schemas.settings import WorkerSettings
     from workers.classify import DEFAULT_DIR, CategoryHeads
+    from workers import gpu
     from workers.decode import decode
     from workers.embed import INPUT_PX, Embedder
     from workers.segment import Segmenter
@@ -89,6 +91,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
         embedder = Embedder(settings.model_version, settings.device, settings.torch_threads, max_batch=n)
         embedder.load()
         segmenter = Segmenter(embedder.device)
+        on_device = gpu.wanted(settings.device_preprocess, embedder.device)  # as the worker decides
         dtype = torch.bfloat16 if embedder.device.type == "cuda" else torch.float32
         x = torch.randn(n, 3, INPUT_PX, INPUT_PX, device=embedder.device, dtype=dtype)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -103,9 +106,12 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
         def pipeline(caller: int) -> None:
             for r in range(rounds):
                 chunk = [data[((r * max(callers) + caller) * n + i) % len(data)] for i in range(n)]
-                pixels = list(pool.map(lambda b: decode(b, settings.max_pixels), chunk))
+                if on_device:
+                    pixels = gpu.decode_on(embedder.device, chunk, settings.max_pixels)
+                else:
+                    pixels = list(pool.map(lambda b: decode(b, settings.max_pixels), chunk))
                 crops = [crop for crop, _ in segmenter.crop_all(pixels)]
-                heads.predict(embedder.embed(crops))
+                heads.predict(embedder.embed(crops))  # the heads alone: the catalog's votes need the replicas
 
         raw(0), pipeline(0)  # warm up (tracing specialises to the batch shape)
         times = {(kind, c): [] for kind in ("raw", "pipeline") for c in callers}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -140,6 +141,10 @@ class WorkerSettings(ModelSettings, FetchSettings):
     replica_status_interval_s: float = Field(1.0, gt=0, description="How often a worker reports its replicas to Redis.")
     heads_dir: str = Field("", description="Category heads (a `lookalike train --out` directory); empty: the "
                                            "ones shipped in workers/models/.")
+    device_preprocess: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Decode JPEG photos (nvJPEG, one call per micro-batch), segment, crop and letterbox them on the model's "
+        "device (workers/gpu.py): `auto` on CUDA only, `on` on the CPU too (slower there than Pillow; for "
+        "tests), `off` never."))
     category_votes: bool = Field(True, description=(
         "Blend the category heads with the categories of the query's 10 nearest catalog products "
         "(workers/classify.py); false: the heads alone."))

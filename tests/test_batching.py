@@ -1,12 +1,14 @@
 """Micro-batching in a real Celery worker (celery-batches on the Redis broker): jobs submitted
 together through the HTTP API run in shared micro-batches, each gets its own result, and a bad
-upload fails only its own job."""
+upload fails only its own job; with the Pillow path and with the device path (workers/gpu.py),
+which a CUDA worker takes and which runs here on the CPU."""
 
 from __future__ import annotations
 
 import time
 
 import httpx
+import pytest
 import redis
 from starlette.testclient import TestClient
 
@@ -21,10 +23,12 @@ def scraped(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
-def test_jobs_submitted_together_share_micro_batches_and_a_bad_one_fails_alone(settings, stack, tmp_path):
+@pytest.mark.parametrize("preprocess", ["off", "on"])
+def test_jobs_submitted_together_share_micro_batches_and_a_bad_one_fails_alone(settings, stack, tmp_path, preprocess):
     client = redis.Redis.from_url(settings.redis_url)
     drop_queued_jobs(client)  # whatever earlier tests left without a worker
-    worker = start_worker({**stack, "LOOKALIKE_JOB_BATCH_SIZE": "4"}, tmp_path / "worker.log")
+    worker = start_worker({**stack, "LOOKALIKE_JOB_BATCH_SIZE": "4", "LOOKALIKE_DEVICE_PREPROCESS": preprocess},
+                          tmp_path / "worker.log")
     try:
         worker.wait_serving(300)
         photos = sorted((SAMPLE / "queries").glob("*.jpg"))

@@ -22,9 +22,12 @@ Reason codes (``ImageRejected.code``):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -42,6 +45,7 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.
 
 # Truncated files must fail, not decode to grey: Pillow's default, but a process may change it.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
@@ -63,6 +67,48 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.nda
         ImageRejected: ``code`` is one of the reason codes in the module docstring; the message
             names the value and what to send instead.
     """
+    with _reasons(data):
+        image = _open(data, max_pixels, max_bytes)
+        image.load()  # the first frame or page only
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
+        return _to_rgb(image)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What an image file's header says, read without decoding its pixels (:func:`header`).
+
+    Attributes:
+        format: One of :data:`FORMATS`.
+        mode: Pillow's mode of the stored pixels (``RGB``, ``L``, ``CMYK``, ``P``...).
+        width, height: In pixels, before EXIF rotation.
+        orientation: The EXIF orientation, 1-8 (1: as stored; see :func:`PIL.ImageOps.exif_transpose`).
+    """
+
+    format: str
+    mode: str
+    width: int
+    height: int
+    orientation: int
+
+
+def header(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Header:
+    """Every check of :func:`decode` that needs no pixel data (size in bytes, document, format,
+    pixel limits, smallest side), for a decoder that is not Pillow (:mod:`workers.gpu`).
+
+    Raises:
+        ImageRejected: as :func:`decode` for the same reasons; ``truncated`` and pixel-data
+            ``corrupt`` files pass here and are caught by the decoder.
+    """
+    with _reasons(data):
+        image = _open(data, max_pixels, max_bytes)
+        orientation = image.getexif().get(ORIENTATION, 1)
+        return Header(image.format, image.mode, image.width, image.height,
+                      orientation if orientation in range(1, 9) else 1)
+
+
+def _open(data: bytes, max_pixels: int, max_bytes: int | None) -> Image.Image:
+    """The file opened by Pillow (header read, pixels not), after the checks that need no pixel data."""
     if not data:
         raise ImageRejected("the image is empty (0 bytes); send the photo file's contents", "empty")
     if max_bytes is not None and len(data) > max_bytes:
@@ -72,23 +118,27 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.nda
     if document:
         raise ImageRejected(f"{document} files are documents, not photos; export the picture as JPEG or PNG "
                             f"(one of {', '.join(FORMATS)})", "unsupported_format")
+    image = Image.open(io.BytesIO(data))  # DecompressionBombWarning is ignored by _reasons: max_pixels decides
+    if image.format not in FORMATS:
+        raise ImageRejected(
+            f"{image.format} images are not supported; send one of {', '.join(FORMATS)}",
+            "unsupported_format")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_many_pixels(width, height, max_pixels)
+    if min(width, height) < MIN_SIDE_PX:
+        raise ImageRejected(f"the image is {width}x{height} px; both sides must be at least "
+                            f"{MIN_SIDE_PX} px, send a larger photo", "too_small")
+    return image
+
+
+@contextlib.contextmanager
+def _reasons(data: bytes) -> Iterator[None]:
+    """Pillow's exceptions while reading ``data`` -> :class:`ImageRejected` with the reason."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
-            image = Image.open(io.BytesIO(data))
-            if image.format not in FORMATS:
-                raise ImageRejected(
-                    f"{image.format} images are not supported; send one of {', '.join(FORMATS)}",
-                    "unsupported_format")
-            width, height = image.size
-            if width * height > max_pixels:
-                raise _too_many_pixels(width, height, max_pixels)
-            if min(width, height) < MIN_SIDE_PX:
-                raise ImageRejected(f"the image is {width}x{height} px; both sides must be at least "
-                                    f"{MIN_SIDE_PX} px, send a larger photo", "too_small")
-            image.load()  # the first frame or page only
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
-            return _to_rgb(image)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
     except UnidentifiedImageError:
         if data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
             raise ImageRejected("the image's header is corrupt: it starts like an image but its size or format "

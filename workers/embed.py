@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from workers import metrics
+from workers import gpu, metrics
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,12 @@ class Embedder:
         """From a :class:`schemas.settings.ModelSettings`."""
         return cls(settings.model_version, settings.device, settings.torch_threads, settings.embed_batch)
 
-    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+    def embed(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
         """Embed images, ``max_batch`` at a time.
 
         Args:
-            images: N uint8 (H, W, 3) RGB arrays of any size (letterboxed to 224x224 here).
+            images: N uint8 (H, W, 3) RGB of any size (letterboxed to 224x224 here): numpy arrays, or
+                tensors on ``device`` (letterboxed there, :func:`workers.gpu.letterbox`).
 
         Returns:
             float32 (N, 1280), each row L2-normalised.
@@ -131,9 +132,12 @@ class Embedder:
         with torch.inference_mode():
             return self._model(x)
 
-    def _forward(self, images: list[np.ndarray]) -> np.ndarray:
-        batch = np.stack([letterbox(image) for image in images])
-        x = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2)
+    def _forward(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
+        if isinstance(images[0], torch.Tensor):
+            with torch.inference_mode():
+                x = torch.stack([gpu.letterbox(image, INPUT_PX) for image in images]).permute(0, 3, 1, 2)
+        else:
+            x = torch.from_numpy(np.stack([letterbox(image) for image in images])).to(self.device).permute(0, 3, 1, 2)
         x = ((x.float() - MEAN_RGB) / STDDEV_RGB).contiguous(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             x = x.to(torch.bfloat16)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from schemas.api import Box
+from workers import gpu
 
 
 @dataclass(frozen=True)
@@ -44,14 +45,15 @@ class Segment:
 
     Attributes:
         box: The crop, in pixels of the image (margin included; the whole image when not confident).
-        mask: bool (H, W), True on the product (all True when not confident).
+        mask: bool (H, W), True on the product (all True when not confident); a numpy array, or a
+            tensor on the segmenter's device when the image was one (:mod:`workers.gpu`).
         confident: Whether segmentation found a product; False means the whole image is used.
         border_uniformity: Fraction of border pixels close to the background colour, 0-1.
         foreground: Fraction of the image that is product, 0-1.
     """
 
     box: Box
-    mask: np.ndarray
+    mask: np.ndarray | torch.Tensor
     confident: bool
     border_uniformity: float = 0.0
     foreground: float = 1.0
@@ -68,11 +70,12 @@ class Segmenter:
         self.min_border_uniformity = min_border_uniformity
         self.min_foreground, self.max_foreground = min_foreground, max_foreground
 
-    def segment(self, images: list[np.ndarray]) -> list[Segment]:
+    def segment(self, images: list[np.ndarray] | list[torch.Tensor]) -> list[Segment]:
         """Segment a batch.
 
         Args:
-            images: N uint8 (H, W, 3) RGB arrays, any sizes.
+            images: N uint8 (H, W, 3) RGB, any sizes: numpy arrays (resized by Pillow), or tensors on
+                this segmenter's device (resized there, :func:`workers.gpu.resize`).
 
         Returns:
             N :class:`Segment`, in order.
@@ -80,10 +83,15 @@ class Segmenter:
         if not images:
             return []
         s = self.work_px
-        small = np.stack([np.asarray(Image.fromarray(im).resize((s, s), Image.Resampling.BILINEAR, reducing_gap=2.0))
-                          for im in images])
+        on_device = isinstance(images[0], torch.Tensor)
         with torch.inference_mode():
-            x = torch.from_numpy(small).to(self.device).permute(0, 3, 1, 2).float()  # (N, 3, S, S)
+            if on_device:
+                small = torch.stack([gpu.resize(im, s, s) for im in images])
+            else:
+                small = torch.from_numpy(np.stack([
+                    np.asarray(Image.fromarray(im).resize((s, s), Image.Resampling.BILINEAR, reducing_gap=2.0))
+                    for im in images])).to(self.device)
+            x = small.permute(0, 3, 1, 2).float()                                  # (N, 3, S, S)
             ring = self._ring
             border = x[:, :, ring]                                                  # (N, 3, R)
             background = border.median(dim=2).values                                # (N, 3)
@@ -95,30 +103,33 @@ class Segmenter:
             rows, cols = solid.any(dim=3)[:, 0], solid.any(dim=2)[:, 0]             # (N, S) each
             confident = ((uniformity >= self.min_border_uniformity) & (fraction >= self.min_foreground)
                          & (fraction <= self.max_foreground))
-            fg, rows, cols = _dilate(fg, 3)[:, 0].cpu().numpy(), rows.cpu().numpy(), cols.cpu().numpy()
+            fg = _dilate(fg, 3)[:, 0] if on_device else _dilate(fg, 3)[:, 0].cpu().numpy()
+            rows, cols = rows.cpu().numpy(), cols.cpu().numpy()
             confident, uniformity, fraction = confident.cpu().numpy(), uniformity.cpu().numpy(), fraction.cpu().numpy()
         return [self._segment_one(image, fg[i], rows[i], cols[i], bool(confident[i]), float(uniformity[i]),
                                   float(fraction[i])) for i, image in enumerate(images)]
 
-    def apply(self, image: np.ndarray, segment: Segment) -> np.ndarray:
+    def apply(self, image: np.ndarray | torch.Tensor, segment: Segment) -> np.ndarray | torch.Tensor:
         """The image with the background painted white, cropped to ``segment.box``.
 
         Args:
-            image: uint8 (H, W, 3) RGB, the one that was segmented.
+            image: uint8 (H, W, 3) RGB, the one that was segmented (array or device tensor).
             segment: Its :class:`Segment`.
 
         Returns:
-            uint8 (h, w, 3) RGB; ``image`` itself when the segment is not confident.
+            uint8 (h, w, 3) RGB of the same kind; ``image`` itself when the segment is not confident.
         """
         if not segment.confident:
             return image
         b = segment.box
         inside = (slice(b.y, b.y + b.h), slice(b.x, b.x + b.w))
+        if isinstance(image, torch.Tensor):
+            return torch.where(segment.mask[inside][:, :, None], image[inside], 255).to(torch.uint8)
         painted = Image.new("RGB", (b.w, b.h), (255, 255, 255))  # Pillow's paste through a mask: 3x np.where's speed
         painted.paste(Image.fromarray(image[inside]), None, Image.fromarray(segment.mask[inside]))
         return np.asarray(painted)
 
-    def crop_all(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, Box]]:
+    def crop_all(self, images: list[np.ndarray] | list[torch.Tensor]) -> list[tuple[np.ndarray | torch.Tensor, Box]]:
         """``segment`` then ``apply`` a batch: the pixels to embed, and the box they came from."""
         return [(self.apply(image, seg), seg.box) for image, seg in zip(images, self.segment(images))]
 
@@ -130,12 +141,14 @@ class Segmenter:
         ring[:b], ring[-b:], ring[:, :b], ring[:, -b:] = True, True, True, True
         return ring
 
-    def _segment_one(self, image: np.ndarray, fg: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                     confident: bool, uniformity: float, fraction: float) -> Segment:
+    def _segment_one(self, image: np.ndarray | torch.Tensor, fg: np.ndarray | torch.Tensor, rows: np.ndarray,
+                     cols: np.ndarray, confident: bool, uniformity: float, fraction: float) -> Segment:
         height, width = image.shape[:2]
         whole = Box(x=0, y=0, w=width, h=height)
         if not confident or not rows.any():
-            return Segment(whole, np.ones((height, width), dtype=bool), False, uniformity, fraction)
+            everything = (torch.ones((height, width), dtype=torch.bool, device=fg.device)
+                          if isinstance(fg, torch.Tensor) else np.ones((height, width), dtype=bool))
+            return Segment(whole, everything, False, uniformity, fraction)
         s = self.work_px
         y0, y1 = np.flatnonzero(rows)[[0, -1]]
         x0, x1 = np.flatnonzero(cols)[[0, -1]]
@@ -147,7 +160,8 @@ class Segmenter:
         bottom, right = min(height, math.ceil(bottom + pad)), min(width, math.ceil(right + pad))
         # Nearest-neighbour upsampling of the mask, dilated by one working pixel first so that
         # the blocky edge falls on the background side, never on the product.
-        mask = fg[np.arange(height) * s // height][:, np.arange(width) * s // width]
+        arange = functools.partial(torch.arange, device=fg.device) if isinstance(fg, torch.Tensor) else np.arange
+        mask = fg[arange(height) * s // height][:, arange(width) * s // width]
         return Segment(Box(x=left, y=top, w=right - left, h=bottom - top), mask, True, uniformity, fraction)
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis
+import torch
 import sqlalchemy as sa
 from celery import Celery, signals
 from celery_batches import Batches, SimpleRequest
@@ -27,7 +28,7 @@ from schemas.api import Box, Category, CategoryScore, EmbeddingResult, ProductHi
 from schemas.jobs import JobStore
 from schemas.settings import WorkerSettings
 from schemas.tasks import QUEUE_VISION, TASK_EMBED, TASK_SEARCH, EmbedTask, SearchTask, transport_options
-from workers import catalog, metrics
+from workers import catalog, gpu, metrics
 from workers.classify import DEFAULT_DIR, KNN_K, LEVELS, CategoryHeads, Neighbours, auto_category
 from workers.decode import decode
 from workers.embed import Embedder
@@ -80,6 +81,7 @@ class Runtime:
         self.store = JobStore(redis.Redis.from_url(settings.redis_url), settings.job_ttl_s)
         self.embedder = Embedder.from_settings(settings)
         self.segmenter = Segmenter(self.embedder.device) if settings.segment else None
+        self.decode_on_device = gpu.wanted(settings.device_preprocess, self.embedder.device)
         self.heads = CategoryHeads(settings.heads_dir or DEFAULT_DIR)
         self.replica = Replica(settings, self.engine, self.store, self.embedder.dim)
         self.fetcher = Fetcher(settings)
@@ -93,7 +95,8 @@ class Runtime:
 
     def run(self, jobs: list[Job]) -> list[Job]:
         """Run a micro-batch of jobs, each to ``done`` or ``failed``, stage by stage: bytes and
-        decoding (a thread pool), then one segmentation, one forward pass (``embed_batch`` images
+        decoding (a thread pool; on CUDA, bytes in the pool, then one nvJPEG call for the batch,
+        :mod:`workers.gpu`), then one segmentation, one forward pass (``embed_batch`` images
         at a time), one classification, and one metadata query for all of them; searches and
         result writes per job. A job whose input is refused, or whose own step fails, ends alone;
         a batched step that fails is redone job by job, so one bad image fails only its own job.
@@ -104,6 +107,7 @@ class Runtime:
         """
         metrics.BATCH_JOBS.observe(len(jobs))
         self._each(jobs, self._start, parallel=True)
+        self._stage([job for job in jobs if job.data is not None], "decode", self._decode)
         self._stage([job for job in jobs if job.box is None and job.pixels is not None], "segment", self._segment)
         self._stage([job for job in jobs if job.vector is None], "embed", self._embed)
         searches = [job for job in jobs if isinstance(job.task, SearchTask)]
@@ -131,6 +135,7 @@ class Runtime:
     def _start(self, job: Job) -> None:
         """Mark the job running (or end it here if it already ended: a redelivered message); the
         query's pixels (decoded, cropped when a box was given) or, for a product id, its stored vector.
+        When decoding is on the device, the file's bytes instead, for :meth:`_decode`.
 
         Raises:
             UploadExpired: the upload left Redis before a worker took it.
@@ -158,10 +163,26 @@ class Runtime:
             data = self.store.take_upload(task.job_id)
             if data is None:
                 raise UploadExpired("the uploaded image expired before a worker took it; submit the job again")
+        if self.decode_on_device:
+            job.data = data
+            return
         with _timed(job.timings, "decode"):
             job.pixels = decode(data, self.settings.max_pixels)
-        if task.crop is not None or self.segmenter is None:  # a caller's crop box wins over segmentation
-            job.pixels, job.box = crop(job.pixels, task.crop)
+        self._crop(job)
+
+    def _decode(self, jobs: list[Job]) -> None:
+        """Decode the batch's files on the model's device, in one call (:func:`workers.gpu.decode_on`)."""
+        todo = [job for job in jobs if job.pixels is None]  # redone job by job after a failure: skip the done
+        for job, pixels in zip(todo, gpu.decode_on(self.embedder.device, [job.data for job in todo],
+                                               self.settings.max_pixels)):
+            job.pixels, job.data = pixels, None
+        for job in jobs:
+            if job.box is None:  # not cropped yet (the batch may be redone job by job after a bad crop box)
+                self._crop(job)
+
+    def _crop(self, job: Job) -> None:
+        if job.task.crop is not None or self.segmenter is None:  # a caller's crop box wins over segmentation
+            job.pixels, job.box = crop(job.pixels, job.task.crop)
 
     def _segment(self, jobs: list[Job]) -> None:
         for job, (pixels, box) in zip(jobs, self.segmenter.crop_all([job.pixels for job in jobs])):
@@ -182,7 +203,7 @@ class Runtime:
         categories, from the replicas and one PostgreSQL query: the votes of :class:`CategoryHeads`."""
         scores, ids = self.replica.shards.search(vectors, KNN_K)
         rows = catalog.fetch_products(self.engine, sorted({int(i) for i in ids.ravel() if i >= 0}))
-        return [[(float(s), {level: getattr(rows[i], level) for level in LEVELS})
+        return [[(float(s), {level: getattr(rows[int(i)], level) for level in LEVELS})
                  for s, i in zip(row_scores, row_ids) if int(i) in rows]
                 for row_scores, row_ids in zip(scores, ids)]
 
@@ -282,7 +303,8 @@ class Job:
 
     task: SearchTask | EmbedTask
     timings: dict[str, float] = field(default_factory=dict)
-    pixels: np.ndarray | None = None  # uint8 (H, W, 3) RGB: decoded, then cropped
+    data: bytes | None = None  # the image file, while it waits for decoding on the device
+    pixels: np.ndarray | torch.Tensor | None = None  # uint8 (H, W, 3) RGB: decoded, then cropped
     box: Box | None = None  # the part of the upload that was embedded
     vector: np.ndarray | None = None  # float32 (1, 1280), L2-normalised
     predicted: dict = field(default_factory=dict)  # level -> [(label, prob)], of CategoryHeads.predict
@@ -305,11 +327,11 @@ def _outcome(step, arg) -> BaseException | None:
     return None
 
 
-def crop(pixels: np.ndarray, box: Box | None) -> tuple[np.ndarray, Box]:
+def crop(pixels: np.ndarray | torch.Tensor, box: Box | None) -> tuple[np.ndarray | torch.Tensor, Box]:
     """The part of ``pixels`` inside ``box`` (the whole image when None).
 
     Args:
-        pixels: uint8 (H, W, 3) RGB, as decoded.
+        pixels: uint8 (H, W, 3) RGB, as decoded (an array, or a tensor on the model's device).
         box: In pixels of ``pixels``.
 
     Returns:

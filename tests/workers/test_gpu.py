@@ -1,0 +1,81 @@
+"""The device path of the vision pipeline (workers/gpu.py): the same corpus of files as test_decode,
+the same reasons, the same pixels; segmentation and embeddings as the Pillow path gives them. Runs on
+the CPU (torchvision's libjpeg decoder) and, where there is one, on CUDA (nvJPEG)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import SAMPLE
+from tests.workers.test_decode import BAD, GOOD, MAX_PIXELS, with_orientation
+from workers.decode import decode
+from workers.embed import Embedder
+from workers.errors import ImageRejected
+from workers.gpu import decode_on, letterbox
+from workers.segment import Segmenter
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+JPEG_TOLERANCE = 3  # nvJPEG's IDCT and chroma upsampling may differ from libjpeg-turbo's by a few levels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_good_file_decodes_to_the_pixels_pillow_gives(device):
+    names = list(GOOD) + [f"orientation_{o}" for o in range(1, 9)]
+    files = [GOOD[name][0] for name in GOOD] + [with_orientation(o) for o in range(1, 9)]
+    decoded = decode_on(torch.device(device), files, MAX_PIXELS)  # one batch, as a worker decodes
+    for name, data, pixels in zip(names, files, decoded):
+        expected = decode(data, MAX_PIXELS)
+        assert pixels.device.type == device and pixels.dtype == torch.uint8, name
+        assert tuple(pixels.shape) == expected.shape, name
+        assert np.abs(pixels.cpu().numpy().astype(int) - expected).max() <= JPEG_TOLERANCE, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", BAD)
+def test_every_bad_file_is_refused_with_pillows_reason(device, name):
+    data, code, words = BAD[name]
+    with pytest.raises(ImageRejected) as caught:
+        decode_on(torch.device(device), [GOOD["jpeg"][0], data], MAX_PIXELS)
+    assert caught.value.code == code, caught.value.message
+    assert words in caught.value.message
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[np.ndarray]:
+    return [decode(p.read_bytes(), MAX_PIXELS) for p in sorted((SAMPLE / "images").glob("*.jpg"))[:48]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_segmenting_tensors_finds_the_boxes_pillow_finds(device, photos):
+    segmenter = Segmenter(device)
+    on_device = [torch.tensor(p, device=device) for p in photos]
+    for image, a, b in zip(on_device, segmenter.segment(photos), segmenter.segment(on_device)):
+        assert a.confident == b.confident
+        assert max(abs(a.box.x - b.box.x), abs(a.box.y - b.box.y), abs(a.box.w - b.box.w),
+                   abs(a.box.h - b.box.h)) <= 3, (a.box, b.box)  # the 128-px resize differs by a level here and there
+        painted = segmenter.apply(image, b)
+        assert isinstance(painted, torch.Tensor) and painted.device.type == device
+        assert tuple(painted.shape) == (b.box.h, b.box.w, 3) if b.confident else painted is image
+
+
+def test_letterbox_pads_with_white_and_keeps_the_aspect():
+    red = torch.zeros((40, 80, 3), dtype=torch.uint8)
+    red[..., 0] = 200
+    out = letterbox(red, 224)
+    assert tuple(out.shape) == (224, 224, 3)
+    assert out[0, 112].tolist() == [255, 255, 255] and out[-1, 112].tolist() == [255, 255, 255]  # bands above, below
+    assert out[112, 0].tolist() == [200, 0, 0] and out[112, -1].tolist() == [200, 0, 0]  # full width
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_embeddings_from_the_device_path_match_the_pillow_path(embedder, photos, device):
+    """The vectors a CUDA worker computes for queries are searched against the catalog's, made by the
+    Pillow path on the CPU: they agree to cosine 0.98 or better, median 0.999 (0.995 in bfloat16 on CUDA)."""
+    pillow = embedder.embed([crop for crop, _ in Segmenter("cpu").crop_all(photos)])
+    model = embedder if device == "cpu" else Embedder("test-model", device=device)
+    segmenter = Segmenter(device)
+    tensors = model.embed([crop for crop, _ in segmenter.crop_all([torch.tensor(p, device=device) for p in photos])])
+    cosine = (pillow * tensors).sum(axis=1)
+    assert cosine.min() >= 0.98 and np.median(cosine) >= (0.999 if device == "cpu" else 0.995), cosine

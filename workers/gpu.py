@@ -1,0 +1,96 @@
+"""The front of the vision pipeline on the model's device: decode, resize and letterbox as tensors.
+
+On CUDA a micro-batch's JPEG files are decoded in one call by nvJPEG
+(``torchvision.io.decode_jpeg`` with a list of files and ``device="cuda"``), and the pixels stay
+on the GPU through segmentation (:class:`workers.segment.Segmenter`), cropping and letterboxing
+(:class:`workers.embed.Embedder`), which take these tensors as well as numpy arrays. On the CPU
+Pillow is faster for all of it (README, Micro-batching), so the worker uses this path on CUDA
+only unless ``LOOKALIKE_DEVICE_PREPROCESS=on``; the same code runs on the CPU in the tests.
+
+Every file first passes the header checks of :func:`workers.decode.header` (size, format, pixel
+limits). Files nvJPEG is not given, or refuses, are decoded by Pillow (:func:`workers.decode.decode`),
+which gives the reason when a file is bad: CMYK and other non-RGB/grey JPEGs, PNG, WebP, GIF, BMP,
+TIFF, and JPEGs without their end-of-image marker (cut short: Pillow says ``truncated``).
+
+Tensors here are uint8 (H, W, 3) RGB, the layout of the numpy arrays of :mod:`workers.decode`
+(a permuted view of torchvision's (3, H, W)), so slicing a crop box is the same for both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from workers.decode import decode, header
+
+GPU_MODES = ("RGB", "L")  # JPEG pixel modes given to nvJPEG (decoded to RGB); others go to Pillow
+EOI = b"\xff\xd9"  # a JPEG's last marker: without it the file was cut short
+
+
+def wanted(setting: str, device: torch.device) -> bool:
+    """Whether to preprocess on ``device``, by ``LOOKALIKE_DEVICE_PREPROCESS`` (``auto``: on CUDA only)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def decode_on(device: torch.device, files: list[bytes], max_pixels: int) -> list[torch.Tensor]:
+    """Decode a batch of image files onto ``device``, EXIF orientation applied.
+
+    Args:
+        device: Where the pixels go (``cuda``; ``cpu`` in tests).
+        files: The files' bytes.
+        max_pixels: Largest width x height (LOOKALIKE_MAX_PIXELS).
+
+    Returns:
+        One uint8 (H, W, 3) RGB tensor on ``device`` per file, in order.
+
+    Raises:
+        ImageRejected: for the first file that is refused (a caller with several files retries
+            them one by one to learn which; :meth:`workers.tasks.Runtime._stage` does).
+    """
+    headers = [header(data, max_pixels) for data in files]
+    out: list[torch.Tensor | None] = [None] * len(files)
+    jpegs = [i for i, h in enumerate(headers)
+             if h.format == "JPEG" and h.mode in GPU_MODES and files[i].rstrip(b"\x00").endswith(EOI)]
+    if jpegs:
+        encoded = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in jpegs]
+        try:
+            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one of them is corrupt: Pillow, below, says which and why
+            decoded = [None] * len(jpegs)
+        for i, pixels in zip(jpegs, decoded):
+            if pixels is not None:
+                out[i] = orient(pixels, headers[i].orientation).permute(1, 2, 0)
+    return [pixels if pixels is not None else torch.tensor(decode(files[i], max_pixels), device=device)
+            for i, pixels in enumerate(out)]
+
+
+def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation (1-8) to (C, H, W) pixels, as :func:`PIL.ImageOps.exif_transpose` does."""
+    if orientation in (5, 6, 7, 8):  # the four that swap width and height
+        pixels = {5: pixels.transpose(1, 2), 6: torch.rot90(pixels, -1, (1, 2)), 7: pixels.transpose(1, 2).flip(1, 2),
+                  8: torch.rot90(pixels, 1, (1, 2))}[orientation]
+    elif orientation in (2, 3, 4):
+        pixels = pixels.flip({2: (2,), 3: (1, 2), 4: (1,)}[orientation])
+    return pixels
+
+
+def resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear resize with antialiasing (Pillow's ``BILINEAR``, as torchvision's ``antialias=True`` is
+    meant to match): uint8 (H, W, 3) -> uint8 (height, width, 3), on the same device."""
+    x = pixels.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def letterbox(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad to a square with white and resize to ``size``, keeping the aspect (the tensor form of
+    :func:`workers.embed.letterbox`): uint8 (H, W, 3) -> uint8 (size, size, 3)."""
+    height, width = pixels.shape[:2]
+    side = max(height, width)
+    if height != width:
+        square = torch.full((side, side, 3), 255, dtype=torch.uint8, device=pixels.device)
+        top, left = (side - height) // 2, (side - width) // 2
+        square[top:top + height, left:left + width] = pixels
+        pixels = square
+    return pixels if side == size else resize(pixels, size, size)
