@@ -75,8 +75,8 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
     import torch
 
     from schemas.settings import WorkerSettings
-    from workers.classify import DEFAULT_DIR, CategoryHeads
     from workers import gpu
+    from workers.classify import DEFAULT_DIR, CategoryHeads
     from workers.decode import decode
     from workers.embed import INPUT_PX, Embedder
     from workers.segment import Segmenter

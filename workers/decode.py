@@ -81,14 +81,11 @@ class Header:
     Attributes:
         format: One of :data:`FORMATS`.
         mode: Pillow's mode of the stored pixels (``RGB``, ``L``, ``CMYK``, ``P``...).
-        width, height: In pixels, before EXIF rotation.
         orientation: The EXIF orientation, 1-8 (1: as stored; see :func:`PIL.ImageOps.exif_transpose`).
     """
 
     format: str
     mode: str
-    width: int
-    height: int
     orientation: int
 
 
@@ -103,8 +100,7 @@ def header(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Header
     with _reasons(data):
         image = _open(data, max_pixels, max_bytes)
         orientation = image.getexif().get(ORIENTATION, 1)
-        return Header(image.format, image.mode, image.width, image.height,
-                      orientation if orientation in range(1, 9) else 1)
+        return Header(image.format, image.mode, orientation if orientation in range(1, 9) else 1)
 
 
 def _open(data: bytes, max_pixels: int, max_bytes: int | None) -> Image.Image:

@@ -107,13 +107,14 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
         if not votes:
             return heads.predict(vectors)
         scores, ids = index.search(vectors, KNN_K + 1)
-        return heads.predict(vectors, neighbours=[[(float(s), labels[int(i)]) for s, i in zip(ss, ii) if i not in (-1, q)]
-                                                  for ss, ii, q in zip(scores, ids, query_ids)])
+        neighbours = [[(float(s), labels[int(i)]) for s, i in zip(ss, ii) if i not in (-1, q)]
+                      for ss, ii, q in zip(scores, ids, query_ids)]
+        return heads.predict(vectors, neighbours=neighbours)
 
     start = time.perf_counter()
     vectors, predicted = pipeline(query_paths, embedder, classify, segment)
     images_per_s = len(query_paths) / max(time.perf_counter() - start, 1e-9)
-    heads_alone = heads.predict(vectors)
+    heads_alone = heads.predict(vectors) if votes else predicted
     _, found = index.search(vectors, k)
 
     precision = {}

@@ -103,7 +103,9 @@ class Segmenter:
             rows, cols = solid.any(dim=3)[:, 0], solid.any(dim=2)[:, 0]             # (N, S) each
             confident = ((uniformity >= self.min_border_uniformity) & (fraction >= self.min_foreground)
                          & (fraction <= self.max_foreground))
-            fg = _dilate(fg, 3)[:, 0] if on_device else _dilate(fg, 3)[:, 0].cpu().numpy()
+            fg = _dilate(fg, 3)[:, 0]
+            if not on_device:
+                fg = fg.cpu().numpy()
             rows, cols = rows.cpu().numpy(), cols.cpu().numpy()
             confident, uniformity, fraction = confident.cpu().numpy(), uniformity.cpu().numpy(), fraction.cpu().numpy()
         return [self._segment_one(image, fg[i], rows[i], cols[i], bool(confident[i]), float(uniformity[i]),

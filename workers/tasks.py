@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import redis
-import torch
 import sqlalchemy as sa
+import torch
 from celery import Celery, signals
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
