@@ -108,8 +108,8 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
                 chunk = [data[((r * max(callers) + caller) * n + i) % len(data)] for i in range(n)]
                 if on_device:
                     pixels = gpu.decode_on(embedder.device, chunk, settings.max_pixels)
-                else:
-                    pixels = list(pool.map(lambda b: decode(b, settings.max_pixels), chunk))
+                else:  # as the worker: in its pool when there are several
+                    pixels = list((pool.map if n > 1 else map)(lambda b: decode(b, settings.max_pixels), chunk))
                 crops = [crop for crop, _ in segmenter.crop_all(pixels)]
                 heads.predict(embedder.embed(crops))  # the heads alone: the catalog's votes need the replicas
 

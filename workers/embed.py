@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from workers import gpu, metrics
 
@@ -35,28 +34,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def letterbox(image: np.ndarray, size: int = INPUT_PX) -> np.ndarray:
-    """Pad to a square with white (catalog photos are on white) and resize, keeping the aspect.
-
-    Args:
-        image: uint8 (H, W, 3) RGB.
-        size: Output side in pixels.
-
-    Returns:
-        uint8 (size, size, 3) RGB.
-    """
-    height, width = image.shape[:2]
-    side = max(height, width)
-    if height != width:
-        square = np.full((side, side, 3), 255, dtype=np.uint8)
-        top, left = (side - height) // 2, (side - width) // 2
-        square[top:top + height, left:left + width] = image
-        image = square
-    if side != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0))
-    return image
 
 
 class Embedder:
@@ -113,8 +90,8 @@ class Embedder:
         """Embed images, ``max_batch`` at a time.
 
         Args:
-            images: N uint8 (H, W, 3) RGB of any size (letterboxed to 224x224 here): numpy arrays, or
-                tensors on ``device`` (letterboxed there, :func:`workers.gpu.letterbox`).
+            images: N uint8 (H, W, 3) RGB of any size, numpy arrays or tensors on ``device``; letterboxed
+                to 224x224 on ``device`` (:func:`workers.gpu.letterbox`).
 
         Returns:
             float32 (N, 1280), each row L2-normalised.
@@ -133,14 +110,11 @@ class Embedder:
             return self._model(x)
 
     def _forward(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
-        if isinstance(images[0], torch.Tensor):
-            with torch.inference_mode():
-                x = torch.stack([gpu.letterbox(image, INPUT_PX) for image in images]).permute(0, 3, 1, 2)
-        else:
-            x = torch.from_numpy(np.stack([letterbox(image) for image in images])).to(self.device).permute(0, 3, 1, 2)
-        x = ((x.float() - MEAN_RGB) / STDDEV_RGB).contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            x = x.to(torch.bfloat16)
+        with torch.inference_mode():
+            x = torch.stack([gpu.letterbox(gpu.as_tensor(image, self.device), INPUT_PX) for image in images])
+            x = x.permute(0, 3, 1, 2).float().sub_(MEAN_RGB).div_(STDDEV_RGB)  # NHWC memory: channels_last
+            x = x.to(torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                     memory_format=torch.channels_last)
         features = self.forward(x).float()
         metrics.EMBED_BATCH_IMAGES.observe(len(images))
         metrics.IMAGES_EMBEDDED.inc(len(images))

@@ -7,13 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import SAMPLE
 from tests.workers.test_decode import BAD, GOOD, MAX_PIXELS, with_orientation
 from workers.decode import decode
 from workers.embed import Embedder
 from workers.errors import ImageRejected
-from workers.gpu import decode_on, letterbox
+from workers.gpu import decode_on, letterbox, resize
 from workers.segment import Segmenter
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -60,6 +61,17 @@ def test_segmenting_tensors_finds_the_boxes_pillow_finds(device, photos):
             assert painted.device.type == device and tuple(painted.shape) == (b.box.h, b.box.w, 3)
         else:
             assert painted is image
+
+
+def test_resizing_on_the_cpu_gives_pillows_pixels_within_two_levels(photos):
+    """torch's uint8 kernel, which letterboxing and segmenting use on the CPU, against Pillow's BILINEAR."""
+    for image in photos[:16]:
+        h, w = image.shape[:2]
+        crop = np.ascontiguousarray(image[h // 8:h - h // 5, w // 6:w - w // 9])
+        for size in (224, 128, 40):  # enlarging, shrinking, shrinking past Pillow's reducing gap
+            expected = np.asarray(Image.fromarray(crop).resize((size, size), Image.Resampling.BILINEAR))
+            out = resize(torch.from_numpy(crop), size, size).numpy().astype(int)
+            assert np.abs(out - expected).max() <= 2, size
 
 
 def test_letterbox_pads_with_white_and_keeps_the_aspect():

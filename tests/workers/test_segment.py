@@ -2,7 +2,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
+from workers import segment
 from workers.decode import decode
 from workers.segment import Segmenter
 
@@ -84,3 +87,33 @@ def test_real_catalog_photos(segmenter, product_id):
     assert b.y <= ys.min() and ys.max() < b.y + b.h and b.x <= xs.min() and xs.max() < b.x + b.w
     out = segmenter.apply(image, seg)
     assert (out[ys - b.y, xs - b.x] == image[ys, xs]).all()
+
+
+def test_the_compiled_masks_equal_the_eager_ones(segmenter):
+    """The worker runs the mask steps as TorchScript; they must give exactly what the Python gives."""
+    images = [decode(p.read_bytes(), 4096 * 4096) for p in sorted(SAMPLE.glob("*.jpg"))[:16]]
+    s = segmenter.work_px
+    x = torch.stack([segment.gpu.resize(torch.from_numpy(im), s, s).permute(2, 0, 1) for im in images]).float()
+    args = (x, segmenter._ring, segmenter.threshold, segmenter.min_border_uniformity, segmenter.min_foreground,
+            segmenter.max_foreground)
+    for compiled, eager in zip(segment._masks()(*args), segment._masks_eager(*args)):
+        assert torch.equal(compiled, eager)
+
+
+def test_morphology_equals_max_pooling():
+    """Dilation and erosion by shifted ORs/ANDs are max pooling of the mask and of its complement."""
+    mask = torch.rand(3, 1, 40, 33, generator=torch.Generator().manual_seed(0)) > 0.6
+    for k in (3, 5):
+        pooled = F.max_pool2d(mask.float(), k, stride=1, padding=k // 2) > 0
+        assert torch.equal(segment._dilate(mask, k), pooled)
+        pooled = F.max_pool2d((~mask).float(), k, stride=1, padding=k // 2) == 0
+        assert torch.equal(segment._erode(mask, k), pooled)
+
+
+def test_holes_are_the_pixels_with_product_on_all_four_sides():
+    mask = torch.rand(2, 1, 30, 30, generator=torch.Generator().manual_seed(1)) > 0.8
+    m = mask.numpy()[:, 0]
+    expected = np.zeros_like(m)
+    for n, y, x in np.ndindex(*m.shape):
+        expected[n, y, x] = m[n, y, :x + 1].any() and m[n, y, x:].any() and m[n, :y + 1, x].any() and m[n, y:, x].any()
+    assert np.array_equal((segment._between(mask, 3) & segment._between(mask, 2)).numpy()[:, 0], expected)
