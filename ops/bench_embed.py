@@ -88,7 +88,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
     pool = ThreadPoolExecutor(settings.decode_threads)
     rows = []
     for n in batches:
-        embedder = Embedder(settings.model_version, settings.device, settings.torch_threads, max_batch=n)
+        embedder = Embedder(settings.model_version, settings.device, settings.model_threads(), max_batch=n)
         embedder.load()
         segmenter = Segmenter(embedder.device)
         on_device = gpu.wanted(settings.device_preprocess, embedder.device)  # as the worker decides

@@ -58,7 +58,7 @@ class HeadsNet(torch.nn.Module):
 
     def __init__(self, dim: int, classes: dict[str, int], hidden: int = 0, dropout: float = 0.0) -> None:
         super().__init__()
-        self.scale = dim ** 0.5
+        self.dim, self.scale = dim, dim ** 0.5
         self.trunk = (torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout))
                       if hidden else torch.nn.Identity())
         self.heads = torch.nn.ModuleDict({level: torch.nn.Linear(hidden or dim, n) for level, n in classes.items()})
@@ -66,6 +66,17 @@ class HeadsNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.trunk(x * self.scale)
         return {level: head(h) for level, head in self.heads.items()}
+
+
+class _Probabilities(torch.nn.Module):
+    """A :class:`HeadsNet` and its softmax: float32 (N, dim) -> ``{level: probabilities (N, classes)}``."""
+
+    def __init__(self, net: HeadsNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {level: torch.softmax(z, dim=1) for level, z in self.net(x).items()}
 
 
 class CategoryHeads:
@@ -80,7 +91,7 @@ class CategoryHeads:
         self.directory = Path(directory)
         self.labels: dict[str, list[str]] = {}
         self.config: dict = {}
-        self._net: HeadsNet | None = None
+        self._net: torch.jit.ScriptModule | None = None
         self._lock = threading.Lock()
 
     @property
@@ -101,7 +112,9 @@ class CategoryHeads:
                            self.config.get("hidden", 0))
             state = {name: tensor.float() for name, tensor in load_file(self.directory / "heads.safetensors").items()}
             net.load_state_dict(state)
-            self._net = net.eval()
+            with torch.no_grad():  # traced and frozen, as the embedder: one call, without the GIL, per batch
+                self._net = torch.jit.freeze(torch.jit.trace(_Probabilities(net).eval(), torch.zeros(1, net.dim),
+                                                             strict=False))
 
     def probabilities(self, features: np.ndarray, neighbours: list[Neighbours] | None = None
                       ) -> dict[str, np.ndarray]:
@@ -117,8 +130,8 @@ class CategoryHeads:
         """
         self.load()
         with torch.inference_mode():
-            logits = self._net(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)))
-        probs = {level: torch.softmax(z, dim=1).numpy() for level, z in logits.items()}
+            probs = {level: p.numpy() for level, p in
+                     self._net(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).items()}
         if neighbours is not None:
             for level, p in probs.items():
                 votes = self.votes(level, neighbours)

@@ -84,7 +84,7 @@ class Embedder:
     @classmethod
     def from_settings(cls, settings) -> Embedder:
         """From a :class:`schemas.settings.ModelSettings`."""
-        return cls(settings.model_version, settings.device, settings.torch_threads, settings.embed_batch)
+        return cls(settings.model_version, settings.device, settings.model_threads(), settings.embed_batch)
 
     def embed(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
         """Embed images, ``max_batch`` at a time.
