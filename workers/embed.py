@@ -111,7 +111,7 @@ class Embedder:
 
     def _forward(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
-            x = torch.stack([gpu.letterbox(gpu.as_tensor(image, self.device), INPUT_PX) for image in images])
+            x = torch.stack([gpu.letterbox(torch.as_tensor(image, device=self.device), INPUT_PX) for image in images])
             x = x.permute(0, 3, 1, 2).float().sub_(MEAN_RGB).div_(STDDEV_RGB)  # NHWC memory: channels_last
             x = x.to(torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                      memory_format=torch.channels_last)

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from workers.decode import decode, header
 
-# Decoded arrays are read-only (Pillow's buffers); the tensors made from them are only read, never written.
+# Decoded arrays are read-only (Pillow's buffers); the tensors shared with them (torch.as_tensor) are only read.
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
 
 GPU_MODES = ("RGB", "L")  # JPEG pixel modes given to nvJPEG (decoded to RGB); others go to Pillow
@@ -81,11 +80,6 @@ def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
     elif orientation in (2, 3, 4):
         pixels = pixels.flip({2: (2,), 3: (1, 2), 4: (1,)}[orientation])
     return pixels
-
-
-def as_tensor(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A decoded image as a tensor on ``device``: uint8 (H, W, 3); a numpy array on the CPU is shared, not copied."""
-    return torch.as_tensor(image, device=device)
 
 
 def resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:

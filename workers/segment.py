@@ -86,7 +86,8 @@ class Segmenter:
         on_device = isinstance(images[0], torch.Tensor)
         with torch.inference_mode():
             # (N, 3, S, S) planar (the resize's own layout), so that the per-channel ops below vectorise
-            x = torch.stack([gpu.resize(gpu.as_tensor(im, self.device), s, s).permute(2, 0, 1) for im in images]).float()
+            x = torch.stack([gpu.resize(torch.as_tensor(im, device=self.device), s, s).permute(2, 0, 1)
+                             for im in images]).float()
             fg, rows, cols, confident, uniformity, fraction = _masks()(
                 x, self._ring, self.threshold, self.min_border_uniformity, self.min_foreground, self.max_foreground)
             if not on_device:
