@@ -26,13 +26,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from workers.decode import decode, header
+from workers.decode import decode, header, orient, plain_jpeg
 
 # Decoded arrays are read-only (Pillow's buffers); the tensors shared with them (torch.as_tensor) are only read.
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-
-GPU_MODES = ("RGB", "L")  # JPEG pixel modes given to nvJPEG (decoded to RGB); others go to Pillow
-EOI = b"\xff\xd9"  # a JPEG's last marker: without it the file was cut short
 
 
 def wanted(setting: str, device: torch.device) -> bool:
@@ -57,8 +54,7 @@ def decode_on(device: torch.device, files: list[bytes], max_pixels: int) -> list
     """
     headers = [header(data, max_pixels) for data in files]
     out: list[torch.Tensor | None] = [None] * len(files)
-    jpegs = [i for i, h in enumerate(headers)
-             if h.format == "JPEG" and h.mode in GPU_MODES and files[i].rstrip(b"\x00").endswith(EOI)]
+    jpegs = [i for i, h in enumerate(headers) if plain_jpeg(h.format, h.mode, files[i])]
     if jpegs:
         encoded = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in jpegs]
         try:
@@ -70,16 +66,6 @@ def decode_on(device: torch.device, files: list[bytes], max_pixels: int) -> list
                 out[i] = orient(pixels, headers[i].orientation).permute(1, 2, 0)
     return [pixels if pixels is not None else torch.tensor(decode(files[i], max_pixels), device=device)
             for i, pixels in enumerate(out)]
-
-
-def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
-    """Apply an EXIF orientation (1-8) to (C, H, W) pixels, as :func:`PIL.ImageOps.exif_transpose` does."""
-    if orientation in (5, 6, 7, 8):  # the four that swap width and height
-        pixels = {5: pixels.transpose(1, 2), 6: torch.rot90(pixels, -1, (1, 2)), 7: pixels.transpose(1, 2).flip(1, 2),
-                  8: torch.rot90(pixels, 1, (1, 2))}[orientation]
-    elif orientation in (2, 3, 4):
-        pixels = pixels.flip({2: (2,), 3: (1, 2), 4: (1,)}[orientation])
-    return pixels
 
 
 def resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:

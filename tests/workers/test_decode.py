@@ -6,7 +6,9 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
+
+from tests.conftest import SAMPLE
 
 from workers.decode import MIN_SIDE_PX, decode
 from workers.errors import ImageRejected
@@ -147,6 +149,18 @@ def test_good_files_decode_to_rgb(name):
     if probe is not None:
         (y, x), rgb = probe
         assert np.abs(pixels[y, x].astype(int) - rgb).max() <= 12, pixels[y, x]
+
+
+def test_jpegs_decode_to_exactly_pillows_pixels():
+    """Plain JPEGs go through torchvision's libjpeg-turbo: the corpus's JPEGs in every EXIF
+    orientation, grey and progressive ones, and 64 catalog photos give Pillow's own pixels."""
+    files = [data for name, (data, _, _) in GOOD.items() if data.startswith(b"\xff\xd8")]
+    files += [with_orientation(o) for o in range(1, 9)]
+    files += [p.read_bytes() for p in sorted((SAMPLE / "images").glob("*.jpg"))[:64]]
+    assert len(files) > 70
+    for data in files:
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        assert np.array_equal(decode(data, MAX_PIXELS), expected)
 
 
 @pytest.mark.parametrize("name", BAD)
