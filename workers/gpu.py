@@ -4,9 +4,10 @@ On CUDA a micro-batch's JPEG files are decoded in one call by nvJPEG
 (``torchvision.io.decode_jpeg`` with a list of files and ``device="cuda"``), and the pixels stay
 on the GPU through segmentation (:class:`workers.segment.Segmenter`), cropping and letterboxing
 (:class:`workers.embed.Embedder`), which take these tensors as well as numpy arrays. Resizing and
-letterboxing (:func:`resize`, :func:`letterbox`) are these tensor ops for numpy arrays too. On the
-CPU the rest of the Pillow path (Pillow's decoder, the mask upsampled and painted as numpy arrays)
-is about 0.5 ms an image faster than this one at batch 1, so the worker uses this path on CUDA
+letterboxing (:func:`resize`, :func:`letterbox`) are these tensor ops for numpy arrays too, and
+:func:`workers.decode.decode` decodes plain JPEGs with torchvision as well. On the CPU the rest of
+the numpy path (the mask upsampled and painted as numpy arrays) is about 0.5 ms an image faster
+than this one at batch 1, so the worker uses this path on CUDA
 only unless ``LOOKALIKE_DEVICE_PREPROCESS=on``; the same code runs on the CPU in the tests.
 
 Every file first passes the header checks of :func:`workers.decode.header` (size, format, pixel
