@@ -80,12 +80,9 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.nda
     with _reasons(data):
         image = _open(data, max_pixels, max_bytes)
         if plain_jpeg(image.format, image.mode, data):
-            try:
-                pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            except RuntimeError:
-                pass  # corrupt: Pillow, below, says why
-            else:
-                return np.ascontiguousarray(orient(pixels, _orientation(image)).permute(1, 2, 0).numpy())
+            pixels = decode_jpegs([data], [_orientation(image)], torch.device("cpu"))
+            if pixels is not None:  # else corrupt: Pillow, below, says why
+                return np.ascontiguousarray(pixels[0].numpy())
         image.load()  # the first frame or page only
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
         return _to_rgb(image)
@@ -98,7 +95,20 @@ def plain_jpeg(fmt: str, mode: str, data: bytes) -> bool:
     return fmt == "JPEG" and mode in JPEG_MODES and data.rstrip(b"\x00").endswith(EOI)
 
 
-def orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+def decode_jpegs(files: list[bytes], orientations: list[int], device: torch.device) -> list[torch.Tensor] | None:
+    """:func:`plain_jpeg` files decoded in one call of :func:`torchvision.io.decode_jpeg` (libjpeg-turbo
+    on the CPU, nvJPEG on CUDA), each turned by its EXIF orientation (1-8): uint8 (H, W, 3) RGB
+    tensors on ``device``, in order; None when the decoder refuses one of them (Pillow then says
+    which and why)."""
+    try:
+        decoded = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files],
+                              mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
+    return [_orient(pixels, orientation).permute(1, 2, 0) for pixels, orientation in zip(decoded, orientations)]
+
+
+def _orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation (1-8) to (C, H, W) pixels, as :func:`PIL.ImageOps.exif_transpose` does."""
     if orientation in (5, 6, 7, 8):  # the four that swap width and height
         pixels = {5: pixels.transpose(1, 2), 6: torch.rot90(pixels, -1, (1, 2)), 7: pixels.transpose(1, 2).flip(1, 2),

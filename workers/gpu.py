@@ -25,9 +25,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torchvision.io import ImageReadMode, decode_jpeg
 
-from workers.decode import decode, header, orient, plain_jpeg
+from workers.decode import decode, decode_jpegs, header, plain_jpeg
 
 # Decoded arrays are read-only (Pillow's buffers); the tensors shared with them (torch.as_tensor) are only read.
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
@@ -56,15 +55,10 @@ def decode_on(device: torch.device, files: list[bytes], max_pixels: int) -> list
     headers = [header(data, max_pixels) for data in files]
     out: list[torch.Tensor | None] = [None] * len(files)
     jpegs = [i for i, h in enumerate(headers) if plain_jpeg(h.format, h.mode, files[i])]
-    if jpegs:
-        encoded = [torch.frombuffer(bytearray(files[i]), dtype=torch.uint8) for i in jpegs]
-        try:
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one of them is corrupt: Pillow, below, says which and why
-            decoded = [None] * len(jpegs)
-        for i, pixels in zip(jpegs, decoded):
-            if pixels is not None:
-                out[i] = orient(pixels, headers[i].orientation).permute(1, 2, 0)
+    if jpegs:  # None when one of them is corrupt: Pillow, below, says which and why
+        decoded = decode_jpegs([files[i] for i in jpegs], [headers[i].orientation for i in jpegs], device)
+        for i, pixels in zip(jpegs, decoded or []):
+            out[i] = pixels
     return [pixels if pixels is not None else torch.tensor(decode(files[i], max_pixels), device=device)
             for i, pixels in enumerate(out)]
 
