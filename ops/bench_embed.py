@@ -9,7 +9,8 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   call, :mod:`workers.gpu`), segmentation, letterbox and embedding in one forward pass of N, the
   category heads (without the catalog's votes, which need a worker's replicas);
 - both with 1 and with 2 concurrent callers (a worker's two threads), and the ratio of the best
-  pipeline to the best raw forward;
+  pipeline to the best raw forward, paired: taken within each rep (the four timings run back to
+  back), then the median over the reps, so that the machine's slow spells cancel;
 - *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
   sample catalog; S submitters (1, 4, 16) each submit a photo through the HTTP API, poll it to
   ``done`` and submit the next; jobs/s (median of the rounds) and latency p50/p95 (the jobs' own
@@ -34,13 +35,9 @@ from ops.bench import DATA
 @dataclass
 class ForwardRow:
     batch: int
-    raw_per_s: dict[int, float]  # concurrent callers -> images/s of the model alone
-    pipeline_per_s: dict[int, float]  # concurrent callers -> images/s of the whole pipeline
-
-    @property
-    def ratio(self) -> float:
-        """Best pipeline / best raw forward, over the caller counts measured."""
-        return max(self.pipeline_per_s.values()) / max(self.raw_per_s.values())
+    raw_per_s: dict[int, float]  # concurrent callers -> images/s of the model alone (median of the reps)
+    pipeline_per_s: dict[int, float]  # concurrent callers -> images/s of the whole pipeline (median of the reps)
+    ratio: float  # median over the reps of: best pipeline / best raw forward in that rep (paired)
 
 
 @dataclass
@@ -122,8 +119,11 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
                     start = time.perf_counter()
                     list(threads.map(run, range(c)))
                     took.append(time.perf_counter() - start)
-        rate = {key: key[1] * rounds * n / statistics.median(took) for key, took in times.items()}
-        row = ForwardRow(n, {c: rate["raw", c] for c in callers}, {c: rate["pipeline", c] for c in callers})
+        rates = {key: [key[1] * rounds * n / t for t in took] for key, took in times.items()}
+        paired = [max(rates["pipeline", c][r] for c in callers) / max(rates["raw", c][r] for c in callers)
+                  for r in range(reps)]
+        row = ForwardRow(n, {c: statistics.median(rates["raw", c]) for c in callers},
+                         {c: statistics.median(rates["pipeline", c]) for c in callers}, statistics.median(paired))
         say(f"  batch {n}: raw " + ", ".join(f"{v:.1f}" for v in row.raw_per_s.values())
             + " img/s, pipeline " + ", ".join(f"{v:.1f}" for v in row.pipeline_per_s.values())
             + f" img/s with {', '.join(map(str, callers))} caller(s); ratio {row.ratio:.2f}")

@@ -394,7 +394,7 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
                 job_wait_ms: float = typer.Option(None, help="LOOKALIKE_JOB_BATCH_WAIT_MS (default: the setting's)."),
                 jobs: int = typer.Option(12, min=1, help="Jobs per submitter per round."),
                 rounds: int = typer.Option(3, min=1, help="Rounds per configuration (median jobs/s)."),
-                reps: int = typer.Option(5, min=1, help="Timings per batch size; the median is shown.")) -> None:
+                reps: int = typer.Option(7, min=1, help="Timings per batch size; the median is shown.")) -> None:
     """Raw model forward vs the whole pipeline at batch 1/8/32 (and 128 on CUDA); jobs/s and latency
     through Celery with and without micro-batching at 1, 4 and 16 submitters."""
     import shutil
