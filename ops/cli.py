@@ -433,11 +433,13 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
         rows = bench.celery_rows(env, logs, [1, *job_batch], [1, 4, 16], jobs, rounds, say=console.print)
     where = f"{machine()}, {device}"
     table = Table(title=f"lookalike bench embed: {where}")
-    for column in ("batch", "raw img/s, 1 / 2 callers", "pipeline img/s, 1 / 2 callers", "best pipeline / best raw"):
+    for column in ("batch", "raw img/s, 1 / 2 callers", "pipeline img/s, 1 / 2 callers",
+                   "best pipeline / best raw, paired (of the medians)"):
         table.add_column(column)
     for row in forward:
         table.add_row(str(row.batch), " / ".join(f"{v:.1f}" for v in row.raw_per_s.values()),
-                      " / ".join(f"{v:.1f}" for v in row.pipeline_per_s.values()), f"{row.ratio:.2f}")
+                      " / ".join(f"{v:.1f}" for v in row.pipeline_per_s.values()),
+                      f"{row.ratio:.2f} ({row.ratio_of_medians:.2f})")
     console.print(table)
     table = Table(title=f"jobs through Celery: {where}")
     for column in ("submitters", "micro-batch", "jobs/s", "vs no batching", "p50 ms", "p95 ms", "jobs per batch",

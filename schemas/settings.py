@@ -128,9 +128,11 @@ class ModelSettings(Settings):
     torch_threads: int = Field(0, ge=0, description=(
         "torch intra-op threads; 0 = automatic: in a worker the cores shared among its threads "
         "(`worker_threads`), elsewhere torch's default (all cores)."))
-    embed_batch: int = Field(8, ge=1, le=1024, description=(
-        "Most images in one forward pass: lower it on out-of-memory errors; on 2 CPU cores "
-        "Lite0 runs 40-44 img/s at 1-8 and 20 img/s at 32, on a GPU larger is faster."))
+    embed_batch: int = Field(4, ge=1, le=1024, description=(
+        "Most images in one forward pass: lower it on out-of-memory errors. On 2 CPU cores, one thread, Lite0 "
+        "ran 37.5 / 38.8 / 31.9 img/s at 1 / 4 / 8: from 8 up its largest activations (38.5 MB at 8) pass "
+        "glibc's 32 MiB mmap ceiling and are faulted in afresh every pass (workers.embed.keep_freed_memory). "
+        "On a GPU larger is faster."))
     metrics_host: str = Field("127.0.0.1", description="Address of this process's /metrics; 0.0.0.0 in a container.")
     metrics_port: int = Field(0, ge=0, le=65535, description=(
         "Port of this process's /metrics; 0 picks a free one and logs it. The Procfile passes honcho's "
