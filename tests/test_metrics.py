@@ -159,8 +159,10 @@ def test_the_worker_counts_jobs_by_outcome_and_times_every_stage(before, worked,
         value(w0, name, outcome="rejected", reason="truncated") == worked["rejected"]
     stages = "lookalike_worker_stage_seconds_count"
     grew = {stage: value(w, stages, stage=stage) - value(w0, stages, stage=stage)
-            for stage in ("queue_wait", "decode", "embed", "search", "join", "total")}
-    assert grew == {"queue_wait": 3, "decode": 3, "embed": 2, "search": 2, "join": 2, "total": 2}
+            for stage in ("queue_wait", "decode", "segment", "embed", "nearest", "classify", "filter", "search",
+                          "join", "total")}
+    assert grew == {"queue_wait": 3, "decode": 3, "segment": 2, "embed": 2, "nearest": 2, "classify": 2, "filter": 2,
+                    "search": 0, "join": 2, "total": 2}  # unfiltered jobs: the batch's search answers them
     assert value(w, "lookalike_worker_stage_seconds_sum", stage="total") > \
         value(w0, "lookalike_worker_stage_seconds_sum", stage="total")
     assert value(w, "lookalike_embedded_images_total") - value(w0, "lookalike_embedded_images_total") == 2

@@ -37,8 +37,9 @@ JOBS = Counter("lookalike_worker_jobs_total",
                "Search jobs finished, by outcome (done; rejected: the image was invalid; failed: "
                "the system's fault) and reason (the job's error code, empty when done).", ["outcome", "reason"])
 STAGE_SECONDS = Histogram("lookalike_worker_stage_seconds",
-                          "Job time by stage: queue_wait (submitted to started), decode, embed, search, "
-                          "join, total (submitted to done).", ["stage"], buckets=SECONDS_BUCKETS)
+                          "Job time by stage: queue_wait (submitted to started), decode, segment, embed, "
+                          "nearest (the micro-batch's one search of the whole catalog), classify, search "
+                          "(a filtered job's own), join, total (submitted to done).", ["stage"], buckets=SECONDS_BUCKETS)
 MESSAGES_RESENT = Counter("lookalike_worker_messages_resent_total",
                           "Job messages the broker lost (a worker killed while taking them) and the "
                           "lost-message sweep sent again (workers/sweep.py).")

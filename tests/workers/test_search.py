@@ -249,6 +249,33 @@ def test_a_micro_batch_gives_each_job_its_own_answer_and_a_bad_job_fails_alone(r
     assert got[5].result.products[0].product_id == brute_force(indexed, indexed[ids[4]][1], 2, lambda e: True)[1]
 
 
+def test_a_batch_searches_the_catalog_once_for_all_its_jobs_that_filter_nothing(runtime, indexed, monkeypatch):
+    """The batch's one search (the catalog's votes) answers its unfiltered jobs, their exclusions and
+    "more like this" included; a filtered job still searches alone. Answers are those of brute force."""
+    from workers.tasks import Job
+
+    ids = list(indexed)
+    gender = indexed[ids[3]][0].gender
+    jobs = [({"k": 5}, ids[0]), ({"k": 12, "exclude_ids": ids[:2]}, ids[1]), ({"k": 3, "product_id": ids[4]}, None),
+            ({"k": 4, "filters": Filters(gender=gender)}, ids[3])]
+    tasks = []
+    for options, image_id in jobs:
+        tasks.append(SearchTask(job_id=new_job_id(), **options))
+        runtime.store.create(tasks[-1].job_id, photo(image_id) if image_id else None)
+    searched = []
+    search = runtime.replica.shards.search
+    monkeypatch.setattr(runtime.replica.shards, "search",
+                        lambda queries, k, **kw: searched.append((len(queries), k, bool(kw))) or search(queries, k, **kw))
+
+    assert runtime.run([Job(task) for task in tasks]) == []
+    assert searched == [(4, 14, False), (1, 4, True)]  # k: 12 + the 2 excluded; then the filtered job alone
+    found = [[h.product_id for h in runtime.store.get(task.job_id).result.products] for task in tasks]
+    assert found == [brute_force(indexed, indexed[ids[0]][1], 5, lambda e: True),
+                     brute_force(indexed, indexed[ids[1]][1], 12, lambda e: e.product_id not in ids[:2]),
+                     brute_force(indexed, indexed[ids[4]][1], 3, lambda e: e.product_id != ids[4]),
+                     brute_force(indexed, indexed[ids[3]][1], 4, lambda e: e.gender == gender)]
+
+
 def test_a_batched_stage_that_fails_is_redone_job_by_job(runtime, indexed, monkeypatch):
     from workers.tasks import Job
 
