@@ -15,7 +15,12 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   sample catalog; S submitters (1, 4, 16) each submit a photo through the HTTP API, poll it to
   ``done`` and submit the next; jobs/s (median of the rounds) and latency p50/p95 (the jobs' own
   created-to-done times, over all rounds), with micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``)
-  and on (each size given).
+  and on (each size given);
+- *search per job at catalog scale*: the worker's sharded index (``LOOKALIKE_PARTITIONS`` exact
+  shards) holding as many random unit vectors as Fashion Product Images has photos (44,446); a
+  micro-batch of N unfiltered jobs searched as the worker does (one search of the N, which gives
+  the catalog's votes and the jobs' results) against one search for the votes then one per job,
+  with a worker's OpenMP threads (cores divided among its threads, as the forward pass).
 """
 
 from __future__ import annotations
@@ -136,6 +141,55 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
         rows.append(row)
     pool.shutdown()
     return str(embedder.device), rows
+
+
+@dataclass
+class SearchRow:
+    batch: int  # jobs in the micro-batch
+    batched_ms: float  # per job: one search of the batch (votes and results), median of the reps
+    per_job_ms: float  # per job: the votes' search of the batch, then one search per job
+
+
+def search_rows(batches: list[int], reps: int, catalog: int = 44_446, say=print) -> list[SearchRow]:
+    """Search time per job in a micro-batch of N unfiltered jobs (module docstring), k = 10, with a
+    worker's OpenMP threads."""
+    import faiss
+
+    from schemas.settings import WorkerSettings
+    from workers.classify import KNN_K
+    from workers.embed import DIM
+    from workers.shards import IndexPolicy, ShardSet
+
+    settings = WorkerSettings()
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((catalog, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    shards = ShardSet(settings.partitions, DIM, IndexPolicy.from_settings(settings))
+    for number, shard in enumerate(shards.shards):
+        shard.upsert(np.arange(number, catalog, settings.partitions), vectors[number::settings.partitions])
+    rows, threads = [], faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(settings.model_threads())  # as in a worker: torch.set_num_threads sets FAISS's too
+    try:
+        for n in batches:
+            queries = vectors[rng.choice(catalog, n, replace=False)]
+            queries += 0.05 * rng.standard_normal((n, DIM), dtype=np.float32)
+            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+            batched, per_job = [], []
+            for _ in range(reps):
+                start = time.perf_counter()
+                shards.search(queries, KNN_K)
+                middle = time.perf_counter()
+                for query in queries:
+                    shards.search(query[None], KNN_K)
+                batched.append((middle - start) / n * 1000)
+                per_job.append((time.perf_counter() - start) / n * 1000)
+            row = SearchRow(n, statistics.median(batched), statistics.median(per_job))
+            say(f"  {n} job(s): {row.batched_ms:.1f} ms a job with one search of the batch, {row.per_job_ms:.1f} "
+                f"with a search per job as well ({catalog} vectors, {settings.model_threads()} thread(s))")
+            rows.append(row)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return rows
 
 
 def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], submitters: list[int],

@@ -409,6 +409,8 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
     batches = [1, 8, 32] + ([128] if torch.cuda.is_available() else [])
     console.print(f"raw forward vs pipeline, batches {batches}")
     device, forward = bench.forward_rows(batches, reps, say=console.print)
+    console.print("search per job at catalog scale ...")
+    searches = bench.search_rows([1, *job_batch], reps, say=console.print)
     shutil.rmtree(state_dir, ignore_errors=True)
     with running_system(state_dir, ["indexer"]) as env:  # the indexer is idle once the sample is in
         import sqlalchemy as sa
@@ -440,6 +442,13 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
         table.add_row(str(row.batch), " / ".join(f"{v:.1f}" for v in row.raw_per_s.values()),
                       " / ".join(f"{v:.1f}" for v in row.pipeline_per_s.values()),
                       f"{row.ratio:.2f} ({row.ratio_of_medians:.2f})")
+    console.print(table)
+    table = Table(title=f"search ms per job, 44,446 vectors, k 10: {where}")
+    for column in ("jobs in the micro-batch", "one search of the batch", "+ a search per job", "ratio"):
+        table.add_column(column)
+    for row in searches:
+        table.add_row(str(row.batch), f"{row.batched_ms:.1f}", f"{row.per_job_ms:.1f}",
+                      f"{row.per_job_ms / row.batched_ms:.2f}x")
     console.print(table)
     table = Table(title=f"jobs through Celery: {where}")
     for column in ("submitters", "micro-batch", "jobs/s", "vs no batching", "p50 ms", "p95 ms", "jobs per batch",
