@@ -17,7 +17,7 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   created-to-done times, over all rounds), with micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``)
   and on (each size given);
 - *search per job at catalog scale*: the worker's sharded index (``LOOKALIKE_PARTITIONS`` exact
-  shards) holding as many random unit vectors as Fashion Product Images has photos (44,446); a
+  shards) holding as many random unit vectors as Fashion Product Images has photos; a
   micro-batch of N unfiltered jobs searched as the worker does (one search of the N, which gives
   the catalog's votes and the jobs' results) against one search for the votes then one per job,
   with a worker's OpenMP threads (cores divided among its threads, as the forward pass).
@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from ops.bench import DATA
+
+CATALOG_VECTORS = 44_446  # products of Fashion Product Images (rows of its styles.csv)
 
 
 @dataclass
@@ -150,7 +152,7 @@ class SearchRow:
     per_job_ms: float  # per job: the votes' search of the batch, then one search per job
 
 
-def search_rows(batches: list[int], reps: int, catalog: int = 44_446, say=print) -> list[SearchRow]:
+def search_rows(batches: list[int], reps: int, catalog: int = CATALOG_VECTORS, say=print) -> list[SearchRow]:
     """Search time per job in a micro-batch of N unfiltered jobs (module docstring), k = 10, with a
     worker's OpenMP threads."""
     import faiss

@@ -443,7 +443,7 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
                       " / ".join(f"{v:.1f}" for v in row.pipeline_per_s.values()),
                       f"{row.ratio:.2f} ({row.ratio_of_medians:.2f})")
     console.print(table)
-    table = Table(title=f"search ms per job, 44,446 vectors, k 10: {where}")
+    table = Table(title=f"search ms per job, {bench.CATALOG_VECTORS:,} vectors, k 10: {where}")
     for column in ("jobs in the micro-batch", "one search of the batch", "+ a search per job", "ratio"):
         table.add_column(column)
     for row in searches:

@@ -235,12 +235,13 @@ class Runtime:
             excluded = _excluded(task)
         if allowed is None and job.nearest is not None and len(job.nearest[1]) >= task.k + len(excluded):
             scores, ids = job.nearest  # the batch's search found this job's k, excluded ids aside
-            keep = (ids >= 0) & ~np.isin(ids, excluded)
-            job.found = [(int(i), float(s)) for i, s in zip(ids[keep][:task.k], scores[keep][:task.k])]
-            return
-        with _timed(job.timings, "search"):
-            scores, ids = self.replica.shards.search(job.vector, task.k, allowed=allowed, excluded=excluded)
-        job.found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+            keep = ~np.isin(ids, excluded)
+            scores, ids = scores[keep][:task.k], ids[keep][:task.k]
+        else:
+            with _timed(job.timings, "search"):
+                scores, ids = self.replica.shards.search(job.vector, task.k, allowed=allowed, excluded=excluded)
+            scores, ids = scores[0], ids[0]
+        job.found = [(int(i), float(s)) for i, s in zip(ids, scores) if i >= 0]
 
     def _join(self, jobs: list[Job]) -> None:
         rows = catalog.fetch_products(self.engine, sorted({i for job in jobs for i, _ in job.found}))
