@@ -128,11 +128,13 @@ class ModelSettings(Settings):
     torch_threads: int = Field(0, ge=0, description=(
         "torch intra-op threads; 0 = automatic: in a worker the cores shared among its threads "
         "(`worker_threads`), elsewhere torch's default (all cores)."))
-    embed_batch: int = Field(4, ge=1, le=1024, description=(
-        "Most images in one forward pass: lower it on out-of-memory errors. On 2 CPU cores, one thread, Lite0 "
-        "ran 37.5 / 38.8 / 31.9 img/s at 1 / 4 / 8: from 8 up its largest activations (38.5 MB at 8) pass "
-        "glibc's 32 MiB mmap ceiling and are faulted in afresh every pass (workers.embed.keep_freed_memory). "
-        "On a GPU larger is faster."))
+    embed_batch: int = Field(0, ge=0, le=1024, description=(
+        "Most images in one forward pass; 0 = automatic: 1 on the CPU, 128 on CUDA. On the CPU the "
+        "images of a micro-batch go through one at a time: on 2 cores, 1 torch thread each as in a "
+        "worker, Lite0 did 63.8 / 57.4 / 48.4 img/s at 1 / 2 / 4 (2-core AMD EPYC; on an Intel Xeon "
+        "1 and 4 were even), and from 8 up its activations (38.5 MB at 8) pass glibc's 32 MiB mmap "
+        "ceiling and are faulted in afresh every pass (workers.embed.keep_freed_memory). On a GPU "
+        "larger is faster; lower it on out-of-memory errors."))
     metrics_host: str = Field("127.0.0.1", description="Address of this process's /metrics; 0.0.0.0 in a container.")
     metrics_port: int = Field(0, ge=0, le=65535, description=(
         "Port of this process's /metrics; 0 picks a free one and logs it. The Procfile passes honcho's "
@@ -159,11 +161,12 @@ class WorkerSettings(ModelSettings, FetchSettings):
         "(workers/classify.py); false: the heads alone."))
     auto_category_min_prob: float = Field(0.7, ge=0, le=1, description=(
         "`category: auto` searches within the most specific predicted level whose top probability is at least this."))
-    job_batch_size: int = Field(4, ge=1, le=256, description=(
-        "Micro-batch: most jobs run together (one segmentation, one forward pass of up to `embed_batch` "
-        "images at a time, one classification, one metadata query); 1 = no batching. 4 measured best on "
-        "2 CPU cores (README, Benchmarks). A job that arrives while a worker thread is idle runs at once; "
-        "while all are busy, jobs gather up to this many."))
+    job_batch_size: int = Field(8, ge=1, le=256, description=(
+        "Micro-batch: most jobs run together (one segmentation, forward passes of `embed_batch` images, "
+        "one catalog search, one classification, one metadata query); 1 = no batching. 8 measured best on "
+        "2 CPU cores at catalog scale (README, Micro-batching): the catalog search is shared from 4 jobs "
+        "up (workers/shards.py, BLAS_FROM_QUERIES). A job that arrives while a worker thread is idle runs "
+        "at once; while all are busy, jobs gather up to this many."))
     job_batch_wait_ms: float = Field(5.0, gt=0, le=10_000, description=(
         "Micro-batch: while every worker thread is busy, how often to look whether one is free again "
         "(the jobs gathered meanwhile are then flushed)."))
