@@ -13,9 +13,9 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   back), then the median over the reps, so that the machine's slow spells cancel;
 - *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
   sample catalog topped up to catalog scale (:func:`fill_catalog`); S submitters (1, 4, 16) each
-  submit a photo through the HTTP API, wait for it to end and submit the next; jobs/s (median of the rounds) and latency p50/p95 (the jobs' own
-  created-to-done times, over all rounds), with micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``)
-  and on (each size given);
+  submit a photo through the HTTP API, wait for it to end and submit the next; jobs/s (median of
+  the rounds) and latency p50/p95 (the jobs' own created-to-done times, over all rounds), with
+  micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``) and on (each size given);
 - *search per job at catalog scale*: the worker's sharded index (``LOOKALIKE_PARTITIONS`` exact
   shards) holding as many random unit vectors as Fashion Product Images has photos; a
   micro-batch of N unfiltered jobs searched as the worker does (one search of the N, which gives
