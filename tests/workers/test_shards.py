@@ -22,6 +22,21 @@ def test_shard_set_search_equals_brute_force_over_all_shards():
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, expected, axis=1), rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_queries", [1, 3, 4, 8])  # faiss's SIMD loop below BLAS_FROM_QUERIES, BLAS from it
+def test_searches_of_one_to_eight_model_sized_queries_equal_brute_force(n_queries):
+    rng = np.random.default_rng(n_queries)
+    dim = 1280
+    shards = ShardSet(4, dim)
+    vectors, ids = unit(rng, 2000, dim), np.arange(2000)
+    for shard in range(4):
+        shards.shards[shard].upsert(ids[shard::4], vectors[shard::4])
+    queries = unit(rng, n_queries, dim)
+    scores, found = shards.search(queries, 10)
+    expected = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    np.testing.assert_array_equal(found, ids[expected])
+    np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, expected, axis=1), atol=1e-5)
+
+
 def test_upsert_replaces_and_remove_deletes():
     rng = np.random.default_rng(1)
     shard = Shard(16)
