@@ -165,8 +165,7 @@ def search_rows(batches: list[int], reps: int, catalog: int = CATALOG_VECTORS, s
 
     settings = WorkerSettings()
     rng = np.random.default_rng(0)
-    vectors = rng.standard_normal((catalog, DIM), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = _unit_vectors(rng, catalog)
     shards = ShardSet(settings.partitions, DIM, IndexPolicy.from_settings(settings))
     for number, shard in enumerate(shards.shards):
         shard.upsert(np.arange(number, catalog, settings.partitions), vectors[number::settings.partitions])
@@ -198,13 +197,15 @@ def search_rows(batches: list[int], reps: int, catalog: int = CATALOG_VECTORS, s
 FILLER_TITLE = "bench filler"
 
 
-def fill_catalog(engine, model_version: str, partitions: int, total: int, chunk: int = 2_000) -> int:
+def fill_catalog(engine, templates: list, model_version: str, partitions: int, total: int,
+                 chunk: int = 2_000) -> int:
     """Add filler products to the catalog in PostgreSQL until ``total`` live products have a vector
     of ``model_version``, so that the Celery part searches a catalog of real size.
 
-    Each filler product takes the metadata of a stored product in turn (so category and filter
-    queries select realistic shares), is titled ``bench filler N`` and has a random unit vector
-    (float32, seed 0), in shard ``id % partitions``. An exact scan costs the same whatever the
+    Each filler product is one of ``templates`` (:class:`schemas.events.CatalogEvent` upserts, the
+    sample's) in turn under a new id, version 1 and the title ``bench filler N``, with a random unit
+    vector (float32, seed 0) in shard ``id % partitions`` and no thumbnail, written as the indexer
+    writes (:func:`workers.catalog.write_upserts`). An exact scan costs the same whatever the
     vectors hold, and random ones lie far from every photo (cosine about 0), so filler never
     appears among the results. Ids follow the largest stored id. Workers started afterwards without
     ``LOOKALIKE_SNAPSHOT_DIR`` build their replicas from PostgreSQL, filler included.
@@ -213,36 +214,36 @@ def fill_catalog(engine, model_version: str, partitions: int, total: int, chunk:
         How many products were added (0 when the catalog already holds ``total``).
 
     Raises:
-        ValueError: The catalog holds no live product to take metadata from (index the sample first).
+        ValueError: ``templates`` is empty.
     """
     import sqlalchemy as sa
 
-    from schemas.tables import product_vectors, products
-    from workers.catalog import METADATA_FIELDS, count_vectors
-    from workers.embed import DIM
+    from schemas.tables import products
+    from workers.catalog import Upsert, count_vectors, write_upserts
 
+    if not templates:
+        raise ValueError("no template products to copy: pass the sample's events")
     missing = total - count_vectors(engine, model_version)
     if missing <= 0:
         return 0
     with engine.connect() as conn:
-        first = conn.execute(sa.select(sa.func.max(products.c.id))).scalar_one() + 1
-        templates = conn.execute(sa.select(*(products.c[f] for f in METADATA_FIELDS))
-                                 .where(products.c.deleted.is_(False)).order_by(products.c.id)).mappings().all()
-    if not templates:
-        raise ValueError("the catalog is empty: index some products first (the bench publishes the sample)")
+        first = (conn.execute(sa.select(sa.func.max(products.c.id))).scalar_one() or 0) + 1
     rng = np.random.default_rng(0)
     for start in range(0, missing, chunk):
-        ids = np.arange(first + start, first + min(start + chunk, missing))
-        vectors = rng.standard_normal((len(ids), DIM), dtype=np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids = range(first + start, first + min(start + chunk, missing))
         with engine.begin() as conn:
-            conn.execute(products.insert(), [
-                {**templates[int(i) % len(templates)], "id": int(i), "version": 1, "title": f"{FILLER_TITLE} {i}"}
-                for i in ids])
-            conn.execute(product_vectors.insert(), [
-                {"product_id": int(i), "model_version": model_version, "shard": int(i) % partitions, "dim": DIM,
-                 "vector": v.astype("<f4").tobytes()} for i, v in zip(ids, vectors)])
+            write_upserts(conn, [Upsert(templates[i % len(templates)].model_copy(update={
+                "product_id": i, "version": 1, "title": f"{FILLER_TITLE} {i}"}), i % partitions, vector, None)
+                for i, vector in zip(ids, _unit_vectors(rng, len(ids)))], model_version)
     return missing
+
+
+def _unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
+    """float32 (n, 1280): random directions, L2-normalised."""
+    from workers.embed import DIM
+
+    vectors = rng.standard_normal((n, DIM), dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
 def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], submitters: list[int],

@@ -432,7 +432,7 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
         engine = sa.create_engine(settings.database_url)
         while catalog.count_vectors(engine, settings.model_version) < len(events):
             time.sleep(0.5)
-        added = bench.fill_catalog(engine, settings.model_version, settings.partitions,
+        added = bench.fill_catalog(engine, events, settings.model_version, settings.partitions,
                                    bench.CATALOG_VECTORS if catalog_size is None else catalog_size)
         engine.dispose()
         if added:  # the indexer's snapshots lack the filler: the bench's workers load PostgreSQL's rows

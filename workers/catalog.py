@@ -19,12 +19,13 @@ METADATA_FIELDS = ("title", "gender", "master_category", "sub_category", "articl
 
 @dataclass(frozen=True)
 class Upsert:
-    """A product to write with its vector (float32 (D,), L2-normalised) and thumbnail JPEG."""
+    """A product to write with its vector (float32 (D,), L2-normalised) and thumbnail JPEG (None:
+    none stored; `lookalike reindex --model-version` then skips the product)."""
 
     event: CatalogEvent
     shard: int
     vector: np.ndarray
-    thumbnail: bytes
+    thumbnail: bytes | None
 
 
 def stored_versions(conn: sa.Connection, ids: Iterable[int]) -> dict[int, int]:
