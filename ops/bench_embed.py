@@ -156,8 +156,6 @@ class SearchRow:
 def search_rows(batches: list[int], reps: int, catalog: int = CATALOG_VECTORS, say=print) -> list[SearchRow]:
     """Search time per job in a micro-batch of N unfiltered jobs (module docstring), k = 10, with a
     worker's OpenMP threads."""
-    import faiss
-
     from schemas.settings import WorkerSettings
     from workers.classify import KNN_K
     from workers.embed import DIM
@@ -166,31 +164,27 @@ def search_rows(batches: list[int], reps: int, catalog: int = CATALOG_VECTORS, s
     settings = WorkerSettings()
     rng = np.random.default_rng(0)
     vectors = _unit_vectors(rng, catalog)
-    shards = ShardSet(settings.partitions, DIM, IndexPolicy.from_settings(settings))
+    shards = ShardSet(settings.partitions, DIM, IndexPolicy.from_settings(settings), settings.model_threads())
     for number, shard in enumerate(shards.shards):
         shard.upsert(np.arange(number, catalog, settings.partitions), vectors[number::settings.partitions])
-    rows, threads = [], faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(settings.model_threads())  # as in a worker: torch.set_num_threads sets FAISS's too
-    try:
-        for n in batches:
-            queries = vectors[rng.choice(catalog, n, replace=False)]
-            queries += 0.05 * rng.standard_normal((n, DIM), dtype=np.float32)
-            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-            batched, per_job = [], []
-            for _ in range(reps):
-                start = time.perf_counter()
-                shards.search(queries, KNN_K)
-                middle = time.perf_counter()
-                for query in queries:
-                    shards.search(query[None], KNN_K)
-                batched.append((middle - start) / n * 1000)
-                per_job.append((time.perf_counter() - middle) / n * 1000)
-            row = SearchRow(n, statistics.median(batched), statistics.median(per_job))
-            say(f"  {n} job(s): {row.batched_ms:.1f} ms a job with one search of the batch, {row.per_job_ms:.1f} "
-                f"with one search per job ({catalog} vectors, {settings.model_threads()} thread(s))")
-            rows.append(row)
-    finally:
-        faiss.omp_set_num_threads(threads)
+    rows = []
+    for n in batches:
+        queries = vectors[rng.choice(catalog, n, replace=False)]
+        queries += 0.05 * rng.standard_normal((n, DIM), dtype=np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        batched, per_job = [], []
+        for _ in range(reps):
+            start = time.perf_counter()
+            shards.search(queries, KNN_K)
+            middle = time.perf_counter()
+            for query in queries:
+                shards.search(query[None], KNN_K)
+            batched.append((middle - start) / n * 1000)
+            per_job.append((time.perf_counter() - middle) / n * 1000)
+        row = SearchRow(n, statistics.median(batched), statistics.median(per_job))
+        say(f"  {n} job(s): {row.batched_ms:.1f} ms a job with one search of the batch, {row.per_job_ms:.1f} "
+            f"with one search per job ({catalog} vectors, {settings.model_threads()} thread(s))")
+        rows.append(row)
     return rows
 
 

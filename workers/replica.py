@@ -58,7 +58,7 @@ class Replica:
         self.store = store
         self.dim = dim
         self.policy = IndexPolicy.from_settings(settings)
-        self.shards = ShardSet(settings.partitions, dim, self.policy)
+        self.shards = ShardSet(settings.partitions, dim, self.policy, settings.model_threads())
         self.name = f"{socket.gethostname()}:{id(self):x}"
         self.start_offsets: dict[int, int] = {}
         self.lag: int | None = None  # changelog records not applied yet, all partitions (None: unknown)

@@ -302,11 +302,18 @@ def use_blas_from(queries: int, dim: int) -> None:
 
 class ShardSet:
     """All shards of the catalog; searches every shard and merges the top-k. Sets faiss's BLAS
-    threshold for ``dim`` (:data:`BLAS_FROM_QUERIES`, :func:`use_blas_from`)."""
+    threshold for ``dim`` (:data:`BLAS_FROM_QUERIES`, :func:`use_blas_from`).
 
-    def __init__(self, n_shards: int, dim: int, policy: IndexPolicy | None = None) -> None:
+    Args:
+        n_shards, dim, policy: The shards (:class:`Shard`).
+        threads: OpenMP threads of each search, set in the searching thread (0: leave it). An
+            OpenMP thread count is per thread: a thread that never set one (a Celery worker's)
+            uses one per core, whatever ``torch.set_num_threads`` said in the main thread.
+    """
+
+    def __init__(self, n_shards: int, dim: int, policy: IndexPolicy | None = None, threads: int = 0) -> None:
         self.shards = [Shard(dim, policy=policy) for _ in range(n_shards)]
-        self.dim = dim
+        self.dim, self.threads = dim, threads
         use_blas_from(BLAS_FROM_QUERIES, dim)
 
     def replace(self, number: int, shard: Shard) -> None:
@@ -324,6 +331,8 @@ class ShardSet:
                excluded: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` over all shards, merged, among ``allowed`` ids minus ``excluded`` ones (see
         :func:`id_selector`); same shapes and padding as :meth:`Shard.search`."""
+        if self.threads:
+            faiss.omp_set_num_threads(self.threads)  # this thread's, for this search and its next ones
         selector = id_selector(allowed, excluded)
         parts = [shard.search(queries, k, selector, exhaustive=allowed is not None) for shard in self.shards]
         scores = np.concatenate([s for s, _ in parts], axis=1)

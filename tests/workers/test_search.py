@@ -3,6 +3,7 @@ filters, category and exclusions are exact; crop, image URLs and "more like this
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 
 import numpy as np
@@ -274,6 +275,23 @@ def test_a_batch_searches_the_catalog_once_for_all_its_jobs_that_filter_nothing(
                      brute_force(indexed, indexed[ids[1]][1], 12, lambda e: e.product_id not in ids[:2]),
                      brute_force(indexed, indexed[ids[4]][1], 3, lambda e: e.product_id != ids[4]),
                      brute_force(indexed, indexed[ids[3]][1], 4, lambda e: e.gender == gender)]
+
+
+def test_a_worker_thread_searches_with_its_share_of_the_cores(runtime, indexed):
+    """OpenMP thread counts are per thread: a Celery thread that never set one would search with one
+    OpenMP thread per core beside the other threads' forward passes."""
+    import faiss
+
+    threads = []
+
+    def job() -> None:
+        run(runtime, photo(next(iter(indexed))))
+        threads.append(faiss.omp_get_max_threads())
+
+    worker_thread = threading.Thread(target=job)
+    worker_thread.start()
+    worker_thread.join()
+    assert threads == [runtime.settings.model_threads()]
 
 
 def test_a_batched_stage_that_fails_is_redone_job_by_job(runtime, indexed, monkeypatch):

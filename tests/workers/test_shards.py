@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,29 @@ def test_searches_of_one_to_eight_model_sized_queries_equal_brute_force(n_querie
     expected = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     np.testing.assert_array_equal(found, ids[expected])
     np.testing.assert_allclose(scores, np.take_along_axis(queries @ vectors.T, expected, axis=1), atol=1e-5)
+
+
+def test_a_search_runs_with_the_set_openmp_threads_in_whichever_thread_searches():
+    # OpenMP thread counts are per thread: a Celery worker thread that never set one would use
+    # one per core; the worker's ShardSet sets its share (WorkerSettings.model_threads) itself.
+    import faiss
+
+    def in_a_new_thread(step) -> None:
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join()
+
+    default = []
+    in_a_new_thread(lambda: default.append(faiss.omp_get_max_threads()))
+    wanted = default[0] + 1  # anything but what a fresh thread has
+    shards, seen = ShardSet(2, 16, threads=wanted), []
+
+    def search_then_look() -> None:
+        shards.search(unit(np.random.default_rng(4), 1), 3)
+        seen.append(faiss.omp_get_max_threads())
+
+    in_a_new_thread(search_then_look)
+    assert seen == [wanted]
 
 
 def test_upsert_replaces_and_remove_deletes():
