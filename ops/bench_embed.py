@@ -2,8 +2,9 @@
 
 Measured in one run on the current device (CUDA when present), medians of ``reps`` runs:
 
-- *raw forward*: the model (as the workers run it: traced and frozen channels_last on CPU,
-  bfloat16 on CUDA) on a ready-made float batch of N, N = 1, 8, 32 (and 128 on CUDA);
+- *raw forward*: the model (as the workers run it: traced and frozen channels_last on CPU, in
+  bfloat16 there when ``LOOKALIKE_CPU_BFLOAT16`` says so; bfloat16 on CUDA) on a ready-made float
+  batch of N, N = 1, 8, 32 (and 128 on CUDA);
 - *pipeline*: N real catalog photos (JPEG bytes of ../shared/data/fashion-product-images) through
   what a micro-batch of N jobs does to them: decode (the worker's thread pool; on CUDA one nvJPEG
   call, :mod:`workers.gpu`), segmentation, letterbox and embedding in one forward pass of N, the
@@ -98,7 +99,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
     pool = ThreadPoolExecutor(settings.decode_threads)
     rows = []
     for n in batches:
-        embedder = Embedder(settings.model_version, settings.device, settings.model_threads(), max_batch=n)
+        embedder = Embedder(settings.model_version, settings.device, settings.model_threads(), n, settings.bfloat16())
         embedder.load()
         segmenter = Segmenter(embedder.device)
         on_device = gpu.wanted(settings.device_preprocess, embedder.device)  # as the worker decides
@@ -143,7 +144,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
             + f" ({row.ratio_of_medians:.2f} of the medians)")
         rows.append(row)
     pool.shutdown()
-    return str(embedder.device), rows
+    return f"{embedder.device}, {'bfloat16' if embedder.bfloat16 else 'float32'}", rows
 
 
 @dataclass

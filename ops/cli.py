@@ -296,12 +296,13 @@ def train(images: list[Path] = typer.Option(..., exists=True, file_okay=False,
     import json
     import logging
 
+    from schemas.settings import ModelSettings
     from workers.embed import Embedder
     from workers.segment import Segmenter, segmented
     from workers.train import extract_features, read_styles, train as train_heads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    embedder = Embedder("train", device)
+    embedder = Embedder("train", device, bfloat16=ModelSettings().bfloat16())
     embed = segmented(embedder.embed, Segmenter(embedder.device) if segment else None)
     suffix = "-segmented" if segment else ""
     sources = {d.name: extract_features(d, cache / f"{d.name}{suffix}", embed) for d in images}
@@ -328,11 +329,14 @@ def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay
     and images/s."""
     import json
 
+    from schemas.settings import ModelSettings
     from workers.classify import CategoryHeads
+    from workers.embed import Embedder
     from workers.evaluate import evaluate
 
-    result = evaluate(catalog_images, styles, queries, k, heads=CategoryHeads(heads) if heads else None,
-                      catalog_cache=cache, segment=segment, votes=votes)
+    result = evaluate(catalog_images, styles, queries, k, embedder=Embedder.from_settings(ModelSettings()),
+                      heads=CategoryHeads(heads) if heads else None, catalog_cache=cache, segment=segment,
+                      votes=votes)
     if as_json:
         print(json.dumps(result))
         return

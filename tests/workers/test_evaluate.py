@@ -76,19 +76,22 @@ def test_a_querys_own_product_never_votes_for_its_category(sample_slice, embedde
 def test_eval_json_prints_one_object(sample_slice, monkeypatch):
     seen = {}
 
-    def fake(catalog_images, styles, queries, k, heads=None, catalog_cache=None, segment=True, votes=True):
-        seen.update(catalog=catalog_images, k=k, segment=segment, votes=votes)
+    def fake(catalog_images, styles, queries, k, embedder=None, heads=None, catalog_cache=None, segment=True,
+             votes=True):
+        seen.update(catalog=catalog_images, k=k, segment=segment, votes=votes, bfloat16=embedder.bfloat16)
         return {"precision_at_k": {"article_type": 0.5}, "exact_recall_at_1": None, "exact_recall_at_k": None,
                 "category_accuracy": {"article_type": 0.9}, "category_accuracy_heads": {"article_type": 0.8},
                 "images_per_s": 12.0, "n_queries": 10, "n_catalog": 40, "k": k}
 
     monkeypatch.setattr(evaluate_module, "evaluate", fake)
+    monkeypatch.setenv("LOOKALIKE_CPU_BFLOAT16", "off")  # the model as the workers' settings say
+    monkeypatch.setenv("LOOKALIKE_DEVICE", "cpu")
     result = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
                                       str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries"),
                                       "--k", "7", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["n_queries"] == 10 and seen["k"] == 7 and seen["segment"] is True
-    assert seen["votes"] is True
+    assert seen["votes"] is True and seen["bfloat16"] is False
     table = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
                                      str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries")])
     assert table.exit_code == 0 and "precision@5" in table.output and "n/a" in table.output
