@@ -99,7 +99,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
     pool = ThreadPoolExecutor(settings.decode_threads)
     rows = []
     for n in batches:
-        embedder = Embedder(settings.model_version, settings.device, settings.model_threads(), n, settings.bfloat16())
+        embedder = Embedder.from_settings(settings, max_batch=n)
         embedder.load()
         segmenter = Segmenter(embedder.device)
         on_device = gpu.wanted(settings.device_preprocess, embedder.device)  # as the worker decides
@@ -144,7 +144,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
             + f" ({row.ratio_of_medians:.2f} of the medians)")
         rows.append(row)
     pool.shutdown()
-    return f"{embedder.device}, {'bfloat16' if embedder.bfloat16 else 'float32'}", rows
+    return f"{embedder.device}, {embedder.precision}", rows
 
 
 @dataclass

@@ -302,7 +302,7 @@ def train(images: list[Path] = typer.Option(..., exists=True, file_okay=False,
     from workers.train import extract_features, read_styles, train as train_heads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    embedder = Embedder("train", device, bfloat16=ModelSettings().bfloat16())
+    embedder = Embedder.from_settings(ModelSettings(), "train", device)
     embed = segmented(embedder.embed, Segmenter(embedder.device) if segment else None)
     suffix = "-segmented" if segment else ""
     sources = {d.name: extract_features(d, cache / f"{d.name}{suffix}", embed) for d in images}

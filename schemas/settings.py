@@ -129,11 +129,11 @@ class ModelSettings(Settings):
         "torch intra-op threads; 0 = automatic: in a worker the cores shared among its threads "
         "(`worker_threads`), elsewhere torch's default (all cores)."))
     cpu_bfloat16: Literal["auto", "on", "off"] = Field("auto", description=(
-        "On the CPU, run the model in bfloat16 (autocast; vectors at cosine 0.99 of float32's, median 0.9988): "
+        "On the CPU, run the model in bfloat16 (autocast; vectors at cosine 0.988 or more of float32's, median 0.9988): "
         "`auto` when the CPU has AMX (Intel Sapphire Rapids and later: the pipeline did 1.5x float32's "
         "img/s, at batch 8 against 1; README, bfloat16 on CPUs with AMX), `on` always (not measured without AMX), `off` never."))
     embed_batch: int = Field(0, ge=0, le=1024, description=(
-        "Most images in one forward pass; 0 = automatic: 1 on the CPU, 8 on a CPU in bfloat16 "
+        "Most images in one forward pass; 0 = automatic: 1 on a CPU in float32, 8 in bfloat16 "
         "(`cpu_bfloat16`), 128 on CUDA. On a CPU in float32 the "
         "images of a micro-batch go through one at a time: on 2 cores, 1 torch thread each as in a "
         "worker, Lite0 did 63.8 / 57.4 / 48.4 img/s at 1 / 2 / 4 (2-core AMD EPYC; on an Intel Xeon "

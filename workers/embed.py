@@ -145,14 +145,21 @@ class Embedder:
             metrics.MODEL_LOAD_SECONDS.labels(self.model_version, self.device.type).set(self.load_s)
             if self.device.type == "cuda":
                 metrics.GPU_MEMORY.watch(self.device)
-            log.info("loaded %s on %s (%s) in %.1f s", self.model_version, self.device,
-                     "bfloat16" if self.bfloat16 else "float32", self.load_s)
+            log.info("loaded %s on %s (%s) in %.1f s", self.model_version, self.device, self.precision, self.load_s)
 
     @classmethod
-    def from_settings(cls, settings) -> Embedder:
-        """From a :class:`schemas.settings.ModelSettings`."""
-        return cls(settings.model_version, settings.device, settings.model_threads(), settings.embed_batch,
-                   settings.bfloat16())
+    def from_settings(cls, settings, model_version: str | None = None, device: str | None = None,
+                      max_batch: int | None = None) -> Embedder:
+        """From a :class:`schemas.settings.ModelSettings`; a ``model_version``, ``device`` or
+        ``max_batch`` given here replaces the settings' (``reindex``'s target version, ``train``'s
+        ``--device``, the bench's batch sizes)."""
+        return cls(model_version or settings.model_version, device or settings.device, settings.model_threads(),
+                   settings.embed_batch if max_batch is None else max_batch, settings.bfloat16())
+
+    @property
+    def precision(self) -> str:
+        """``bfloat16`` or ``float32``: what the model computes in."""
+        return "bfloat16" if self.bfloat16 else "float32"
 
     def embed(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
         """Embed images, ``max_batch`` at a time.

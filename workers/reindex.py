@@ -154,7 +154,7 @@ def run(settings: ModelSettings, engine: sa.Engine, model_version: str | None = 
     target = model_version or settings.model_version
     embedded = 0
     if target != settings.model_version:
-        embedder = Embedder(target, settings.device, settings.model_threads(), settings.embed_batch, settings.bfloat16())
+        embedder = Embedder.from_settings(settings, target)
         total = stale_products(engine, target)
         advance = progress(total) if progress is not None else None
         embedded = reembed(engine, embedder, batch=max(settings.embed_batch, 32), progress=advance)

@@ -142,6 +142,10 @@ def test_the_train_command_caches_features_and_writes_the_heads(tmp_path, monkey
         def __init__(self, *args, **kwargs) -> None:
             self.device = "cpu"
 
+        @classmethod
+        def from_settings(cls, *args, **kwargs) -> FakeEmbedder:
+            return cls()
+
         def embed(self, images):
             calls.append(len(images))
             x = np.stack([np.resize(image.reshape(-1, 3).mean(0), 1280) for image in images]).astype(np.float32)
