@@ -130,8 +130,10 @@ class ModelSettings(Settings):
         "(`worker_threads`), elsewhere torch's default (all cores)."))
     cpu_bfloat16: Literal["auto", "on", "off"] = Field("auto", description=(
         "On the CPU, run the model in bfloat16 (autocast; vectors at cosine 0.988 or more of float32's, median 0.9988): "
-        "`auto` when the CPU has AMX (Intel Sapphire Rapids and later: the pipeline did 1.5x float32's "
-        "img/s, at batch 8 against 1; README, bfloat16 on CPUs with AMX), `on` always (not measured without AMX), `off` never."))
+        "`auto` when the CPU multiplies bfloat16 in hardware (AMX: Intel Sapphire Rapids and later; AVX-512 BF16: "
+        "Intel Cooper Lake, AMD Zen 4 and later; workers.embed.has_native_bfloat16), where the pipeline did 1.5x "
+        "float32's img/s and more, at batch 8 against 1 (README, bfloat16 on the CPU); `on` always (not measured "
+        "on other CPUs), `off` never."))
     embed_batch: int = Field(0, ge=0, le=1024, description=(
         "Most images in one forward pass; 0 = automatic: 1 on a CPU in float32, 8 in bfloat16 "
         "(`cpu_bfloat16`), 128 on CUDA. On a CPU in float32 the "
@@ -150,7 +152,7 @@ class ModelSettings(Settings):
         return self.torch_threads
 
     def bfloat16(self) -> bool | None:
-        """``cpu_bfloat16`` for :class:`workers.embed.Embedder`: None (auto: AMX), True or False."""
+        """``cpu_bfloat16`` for :class:`workers.embed.Embedder`: None (auto), True or False."""
         return {"auto": None, "on": True, "off": False}[self.cpu_bfloat16]
 
 

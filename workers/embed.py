@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 INPUT_PX = 224
 DIM = 1280
 CUDA_BATCH = 128  # images per forward pass on CUDA when not set (LOOKALIKE_EMBED_BATCH=0)
-BF16_CPU_BATCH = 8  # ... on a CPU running bfloat16 (README, "bfloat16 on CPUs with AMX")
+BF16_CPU_BATCH = 8  # ... on a CPU running bfloat16 (README, "bfloat16 on the CPU")
 # EfficientNet-Lite's own preprocessing (tensorflow/tpu lite/efficientnet_lite_builder.py:
 # MEAN_RGB = 127.0, STDDEV_RGB = 128.0). On 800 catalog photos it beats ImageNet mean/std
 # for 1-NN label agreement (masterCategory 99.8% vs 99.5%, articleType 88.5% vs 84.6%).
@@ -64,15 +64,18 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
-def has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU has Intel AMX bfloat16 tiles (Sapphire Rapids and later): the ``amx_bf16`` flag
-    of Linux's ``/proc/cpuinfo``. There oneDNN runs bfloat16 convolutions on the tiles, and the
-    traced model under autocast took 19.0 against 26.3 ms at batch 1 and 79.3 against 202.5 at
-    batch 8 in float32 (one thread, 2-core Xeon VM; README, "bfloat16 on CPUs with AMX"). False
-    when the file cannot be read (not Linux)."""
+def has_native_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware, as oneDNN (inside torch) uses it for bfloat16
+    convolutions: AMX tiles (``amx_bf16``, Intel Sapphire Rapids and later) or AVX-512 BF16
+    (``avx512_bf16``: Intel Cooper Lake, AMD Zen 4 and later), flags of Linux's ``/proc/cpuinfo``.
+    There the traced model under autocast took, one thread, 19.0 against 26.3 ms at batch 1 and
+    79.3 against 202.5 at batch 8 in float32 (2-core Xeon VM with AMX), 10.2 against 14.3 and 57.7
+    against 149.8 (2-core AMD EPYC VM with AVX-512 BF16; README, "bfloat16 on the CPU"). False when
+    the file cannot be read (not Linux)."""
     try:
         with open(cpuinfo) as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+            return any(line.startswith("flags") and not {"amx_bf16", "avx512_bf16"}.isdisjoint(line.split())
+                       for line in f)
     except OSError:
         return False
 
@@ -101,8 +104,8 @@ class Embedder:
         max_batch: Most images per forward pass; 0: 1 on a CPU in float32 (fastest per image there,
             :class:`schemas.settings.ModelSettings` ``embed_batch``), :data:`BF16_CPU_BATCH` on a CPU
             in bfloat16, :data:`CUDA_BATCH` on CUDA.
-        bfloat16: On the CPU, run in bfloat16; None: when the CPU has AMX (:func:`has_amx`). Always
-            True on CUDA.
+        bfloat16: On the CPU, run in bfloat16; None: when the CPU has it in hardware
+            (:func:`has_native_bfloat16`). Always True on CUDA.
     """
 
     def __init__(self, model_version: str, device: str = "auto", threads: int = 0, max_batch: int = 0,
@@ -110,7 +113,7 @@ class Embedder:
         self.model_version = model_version
         self.device = resolve_device(device)
         self.threads = threads
-        self.bfloat16 = self.device.type == "cuda" or (has_amx() if bfloat16 is None else bfloat16)
+        self.bfloat16 = self.device.type == "cuda" or (has_native_bfloat16() if bfloat16 is None else bfloat16)
         self.max_batch = max_batch or (CUDA_BATCH if self.device.type == "cuda"
                                        else BF16_CPU_BATCH if self.bfloat16 else 1)
         self.dim = DIM

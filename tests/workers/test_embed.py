@@ -1,5 +1,5 @@
 """The embedder's process setup: glibc's allocator keeps the forward pass's memory (workers.embed.keep_freed_memory);
-and bfloat16 on the CPU (workers.embed.has_amx, ModelSettings.cpu_bfloat16)."""
+and bfloat16 on the CPU (workers.embed.has_native_bfloat16, ModelSettings.cpu_bfloat16)."""
 
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import torch
 
 from schemas.settings import ModelSettings
 from workers.decode import decode
-from workers.embed import BF16_CPU_BATCH, INPUT_PX, Embedder, has_amx, keep_freed_memory
+from workers.embed import BF16_CPU_BATCH, INPUT_PX, Embedder, has_native_bfloat16, keep_freed_memory
 
 SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "ops" / "sample" / "images"
 
@@ -63,11 +63,14 @@ def test_bfloat16_on_the_cpu_runs_the_model_in_bfloat16_and_gives_vectors_close_
     assert not np.array_equal(a, b)  # bfloat16 did run
 
 
-def test_the_setting_decides_bfloat16_and_auto_follows_the_cpu_s_amx_flag(tmp_path):
+def test_the_setting_decides_bfloat16_and_auto_follows_the_cpu_s_bfloat16_flags(tmp_path):
     assert Embedder.from_settings(ModelSettings(device="cpu", cpu_bfloat16="on")).bfloat16
     assert not Embedder.from_settings(ModelSettings(device="cpu", cpu_bfloat16="off")).bfloat16
-    assert Embedder.from_settings(ModelSettings(device="cpu", cpu_bfloat16="auto")).bfloat16 == has_amx()
-    with_amx, without = tmp_path / "amx", tmp_path / "plain"
-    with_amx.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile amx_int8\n")
-    without.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
-    assert has_amx(str(with_amx)) and not has_amx(str(without)) and not has_amx(str(tmp_path / "none"))
+    assert Embedder.from_settings(ModelSettings(device="cpu", cpu_bfloat16="auto")).bfloat16 == has_native_bfloat16()
+    cpus = {"amx": "fpu avx512f amx_bf16 amx_tile amx_int8", "zen4": "fpu avx512f avx512_bf16 avx512_vnni",
+            "avx512": "fpu avx512f avx512bw avx512_vnni", "avx2": "fpu avx2 fma"}
+    for name, flags in cpus.items():
+        (tmp_path / name).write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert has_native_bfloat16(str(tmp_path / "amx")) and has_native_bfloat16(str(tmp_path / "zen4"))
+    assert not has_native_bfloat16(str(tmp_path / "avx512")) and not has_native_bfloat16(str(tmp_path / "avx2"))
+    assert not has_native_bfloat16(str(tmp_path / "none"))
