@@ -177,7 +177,8 @@ class WorkerSettings(ModelSettings, FetchSettings):
         "one catalog search, one classification, one metadata query); 1 = no batching. 8 measured best on "
         "2 CPU cores at catalog scale (README, Micro-batching): the catalog search is shared from 4 jobs "
         "up (workers/shards.py, BLAS_FROM_QUERIES). A job that arrives while a worker thread is idle runs "
-        "at once; while all are busy, jobs gather up to this many."))
+        "at once; while all are busy, jobs gather up to this many, and a thread that is free again takes them "
+        "all from 4 up, else one (README, Micro-batching: p95 at 4 submitters)."))
     job_batch_wait_ms: float = Field(5.0, gt=0, le=10_000, description=(
         "Micro-batch: while every worker thread is busy, how often to look whether one is free again "
         "(the jobs gathered meanwhile are then flushed)."))

@@ -36,6 +36,7 @@ from workers.errors import CropRejected, InvalidInput, UploadExpired
 from workers.fetch import Fetcher
 from workers.replica import Replica
 from workers.segment import Segmenter
+from workers.shards import BLAS_FROM_QUERIES
 from workers.sweep import LostMessageSweeper
 
 log = logging.getLogger(__name__)
@@ -428,8 +429,9 @@ class JobBatches(Batches):
     """A Celery task run on micro-batches of its messages (celery-batches), batched dynamically:
     while a pool thread is idle, a message is flushed as soon as it arrives (no wait at low load);
     while every thread runs a batch, messages gather until ``job_batch_size`` of them are buffered
-    or a thread is free again (checked every ``job_batch_wait_ms``). Settings are read when the
-    worker starts consuming, not at import."""
+    or a thread is free again (checked every ``job_batch_wait_ms``), which then takes them all if
+    4 or more wait, else the first alone (:meth:`flush`). Settings are read when the worker starts
+    consuming, not at import."""
 
     max_retries = 3
 
@@ -457,8 +459,17 @@ class JobBatches(Batches):
 
     def flush(self, requests) -> None:
         """As :meth:`Batches.flush`, in batches of at most ``job_batch_size`` (a thread freed after
-        a long wait may find more buffered), each counted as running until it returns."""
+        a long wait may find more buffered), each counted as running until it returns. Fewer than
+        :data:`workers.shards.BLAS_FROM_QUERIES` (4) jobs are not batched: this thread takes the
+        first and the rest go back to the buffer for the next thread that is free. Batches that
+        small share no catalog scan, and one thread running them holds back every result to the
+        last (a batch's jobs end together): p95 at 4 submitters was worse than without batching
+        (README, Micro-batching)."""
         size, requests = worker_settings().job_batch_size, list(requests)
+        if size > 1 and len(requests) < BLAS_FROM_QUERIES:
+            for request in requests[1:]:
+                self._buffer.put(request)
+            requests = requests[:1]
         for i in range(0, len(requests), size):
             self._submit(requests[i:i + size])
 

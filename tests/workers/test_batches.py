@@ -88,3 +88,27 @@ def test_a_batch_that_breaks_outside_the_task_still_frees_its_thread(batches):
     assert not batches._busy() and broken.acked == []
     batches._pool.finish(0)
     assert ok.acked == [1] and batches._running == 0
+
+
+def test_fewer_than_four_waiting_jobs_run_one_by_one_and_four_run_together(batches):
+    batches.flush([request("a")])
+    batches.flush([request("b")])
+    assert batches._busy()
+    for n in (1, 2, 3):  # arrive while both threads are busy
+        batches._buffer.put(request(n))
+    batches._pool.finish()  # "a" ends: its thread takes the first and leaves two
+    batches._do_flush()
+    assert batches._pool.submitted[-1][1][1][0] == [1] and batches._buffer.qsize() == 2
+    batches._do_flush()
+    assert len(batches._pool.submitted) == 2  # the two left wait for a free thread
+    batches._pool.finish()  # "b" ends
+    batches._do_flush()
+    assert batches._pool.submitted[-1][1][1][0] == [2] and batches._buffer.qsize() == 1
+    for n in (4, 5, 6):  # with 4 waiting (the catalog scan is shared) a freed thread takes them all
+        batches._buffer.put(request(n))
+    batches._pool.finish()
+    batches._do_flush()
+    assert batches._pool.submitted[-1][1][1][0] == [3, 4, 5, 6] and batches._buffer.qsize() == 0
+    batches._pool.finish()
+    batches._pool.finish()
+    assert batches.ran == [["a"], ["b"], [1], [2], [3, 4, 5, 6]] and batches._running == 0
