@@ -81,12 +81,7 @@ class OwnedShard:
     def apply(self, changes: list[VectorChange], receipts: list) -> None:
         """Apply published changes; ``receipts`` are their RecordMetadata or ConsumerRecords
         (offset, timestamp), possibly more than ``changes`` (another model version's changes)."""
-        for change in changes:
-            ids = np.array([change.product_id], dtype=np.int64)
-            if change.vector is None:
-                self.shard.remove(ids)
-            else:
-                self.shard.upsert(ids, change.array()[None, :])
+        self.shard.apply((change.product_id, None if change.vector is None else change.array()) for change in changes)
         if receipts:
             if self.changes == 0:
                 self.first_change_at = time.monotonic()

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 
-import numpy as np
 import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError, OffsetOutOfRangeError
@@ -104,16 +103,27 @@ class Replica:
         if self._thread is not None:
             self._thread.join(timeout=10)
 
-    def apply(self, partition: int, change: VectorChange) -> None:
-        """Apply one changelog entry to shard ``partition`` (ignored if made by another model version)."""
-        if change.model_version != self.settings.model_version:
-            return
-        shard = self.shards.shards[partition]
-        ids = np.array([change.product_id], dtype=np.int64)
-        if change.op == "delete":
-            shard.remove(ids)
-        else:
-            shard.upsert(ids, change.array()[None, :])
+    def apply(self, partition: int, records: list) -> None:
+        """Apply changelog records (ConsumerRecords, in offset order) to shard ``partition`` at once
+        (:meth:`workers.shards.Shard.apply`); changes made by another model version are ignored, a
+        malformed one is logged and skipped."""
+        changes = []
+        for record in records:
+            try:
+                change = VectorChange.model_validate_json(record.value)
+                vector = None if change.op == "delete" else change.array()
+                if vector is not None and vector.shape != (self.dim,):
+                    raise ValueError(f"a vector of {vector.shape[0]} dims, expected {self.dim}")
+            except (ValidationError, ValueError) as exc:  # written by our own indexer: a bug
+                log.error("skipping malformed changelog entry %s@%d: %s", self._tp(partition), record.offset, exc)
+                continue
+            if change.model_version == self.settings.model_version:
+                changes.append((change.product_id, vector, change.source_timestamp_ms))
+        self.shards.shards[partition].apply((product_id, vector) for product_id, vector, _ in changes)
+        if partition in self._live:  # searchable from now
+            for *_, source_ms in changes:
+                if source_ms is not None:
+                    metrics.REPLICA_FRESHNESS.observe(max(0.0, time.time() - source_ms / 1000))
 
     def report(self) -> None:
         """Publish this replica's sizes and lag to the metrics and to Redis (for readiness)."""
@@ -133,15 +143,7 @@ class Replica:
                     consumer = self._consumer()
                 batches = consumer.poll(timeout_ms=self.settings.replica_poll_ms)
                 for tp, records in batches.items():
-                    for record in records:
-                        try:
-                            change = VectorChange.model_validate_json(record.value)
-                            self.apply(tp.partition, change)
-                            if tp.partition in self._live and change.source_timestamp_ms is not None:
-                                metrics.REPLICA_FRESHNESS.observe(
-                                    max(0.0, time.time() - change.source_timestamp_ms / 1000))
-                        except (ValidationError, ValueError) as exc:  # written by our own indexer: a bug
-                            log.error("skipping malformed changelog entry %s@%d: %s", tp, record.offset, exc)
+                    self.apply(tp.partition, records)
                 for tp in consumer.assignment():
                     highwater = consumer.highwater(tp)
                     if highwater is not None and consumer.position(tp) > highwater:

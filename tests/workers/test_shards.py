@@ -3,7 +3,7 @@ import threading
 import numpy as np
 import pytest
 
-from workers.shards import Shard, ShardSet
+from workers.shards import IndexPolicy, Shard, ShardSet
 
 
 def unit(rng, n, dim=16):
@@ -76,6 +76,36 @@ def test_wrong_shape_is_refused():
         Shard(16).upsert(np.array([1]), np.zeros((1, 8), np.float32))
 
 
+@pytest.mark.parametrize("policy", [IndexPolicy(), IndexPolicy(exact_max=40, nprobe=2)], ids=["flat", "ivf"])
+def test_apply_leaves_the_shard_as_the_changes_one_by_one_would(policy):
+    rng = np.random.default_rng(6)
+    one_by_one, at_once = Shard(16, policy=policy), Shard(16, policy=policy)
+    start = unit(rng, 50)
+    for shard in (one_by_one, at_once):
+        shard.upsert(np.arange(50), start)
+    ids = rng.integers(0, 80, 300)  # ids changed many times, ids new to the shard, puts and removals
+    changes = [(int(i), None if rng.random() < 0.3 else unit(rng, 1)[0]) for i in ids]
+    for product_id, vector in changes:
+        if vector is None:
+            one_by_one.remove(np.array([product_id]))
+        else:
+            one_by_one.upsert(np.array([product_id]), vector[None])
+    at_once.apply(changes)
+    assert sorted(at_once.ids()) == sorted(one_by_one.ids())
+    queries = unit(rng, 20)
+    for got, expected in zip(at_once.search(queries, 30, exhaustive=True),
+                             one_by_one.search(queries, 30, exhaustive=True)):  # (scores, ids)
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_apply_refuses_a_vector_of_the_wrong_shape_and_changes_nothing():
+    shard = Shard(16)
+    shard.upsert(np.array([1]), unit(np.random.default_rng(7), 1))
+    with pytest.raises(ValueError, match=r"product 3: vector of shape \(8,\), expected \(16,\)"):
+        shard.apply([(1, None), (2, np.zeros(16, np.float32)), (3, np.zeros(8, np.float32))])
+    assert shard.ids().tolist() == [1]
+
+
 def test_filtered_search_is_exact_and_fills_k_when_enough_ids_qualify():
     rng = np.random.default_rng(3)
     shards = ShardSet(4, 16)
@@ -115,7 +145,6 @@ def test_fewer_qualifying_ids_than_k_pads():
 
 # --- index type by size: exact up to IndexPolicy.exact_max, IVF-Flat past it -----------------
 
-from workers.shards import IndexPolicy  # noqa: E402
 
 
 def clustered(rng, n, dim, centers):
