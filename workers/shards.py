@@ -235,7 +235,7 @@ class Shard:
         :meth:`remove` one change at a time (only each id's last change counts), in one removal and
         one addition: on a flat shard every ``remove_ids`` scans and compacts the whole index (1.5 ms
         a call at 11,111 vectors on 2 cores), so a changelog replayed one change at a time held the
-        lock, and a core, for seconds (README, "Replicas").
+        lock, and a core, for seconds (README, "Micro-batching").
 
         Raises:
             ValueError: a vector is not of shape (dim,); nothing is applied.
