@@ -241,13 +241,13 @@ class Shard:
             ValueError: a vector is not of shape (dim,); nothing is applied.
         """
         last = dict(changes)  # a later change of an id replaces its earlier one
+        if not last:
+            return
         puts = {i: v for i, v in last.items() if v is not None}
         for product_id, vector in puts.items():
             if np.shape(vector) != (self.dim,):
                 raise ValueError(f"product {product_id}: vector of shape {np.shape(vector)}, expected ({self.dim},)")
         removed = np.array([i for i, v in last.items() if v is None], dtype=np.int64)
-        if not last:
-            return
         with self._lock:
             if len(removed):
                 self._change(removed, None)

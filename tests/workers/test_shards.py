@@ -146,7 +146,6 @@ def test_fewer_qualifying_ids_than_k_pads():
 # --- index type by size: exact up to IndexPolicy.exact_max, IVF-Flat past it -----------------
 
 
-
 def clustered(rng, n, dim, centers):
     """Unit vectors around unit ``centers`` (like image embeddings: groups of similar products), noise
     of norm about 1, so a query's nearest neighbour has cosine about 0.54, not a near-duplicate."""
