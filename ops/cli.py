@@ -33,7 +33,7 @@ def running_system(state_dir: Path, processes: list[str]) -> Iterator[dict[str, 
     """Start the local stack (services not configured by LOOKALIKE_* URLs), run the release step,
     then the Procfile processes under honcho; stop all of it on exit. Yields the environment."""
     from ops.release import release
-    from ops.stack import LocalStack
+    from ops.stack import LocalStack, jemalloc_env
     from schemas.settings import Settings
 
     signal.signal(signal.SIGTERM, _interrupt)  # so a `kill` stops what was started, like Ctrl-C
@@ -43,7 +43,11 @@ def running_system(state_dir: Path, processes: list[str]) -> Iterator[dict[str, 
             console.print(f"[bold]{name}[/] {how}: {url}")
         os.environ.update(stack.environ())
         os.environ.setdefault("LOOKALIKE_SNAPSHOT_DIR", str(stack.state_dir / "snapshots"))
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        allocator = jemalloc_env()  # for the Procfile's processes, when installed
+        env = {**os.environ, **allocator, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        console.print(f"[bold]allocator[/]: {allocator['LD_PRELOAD']}" if allocator else
+                      "[bold]allocator[/]: as set (LD_PRELOAD)" if "LD_PRELOAD" in os.environ else
+                      "[bold]allocator[/]: glibc's; jemalloc (Debian: libjemalloc2) is faster, see the README's Allocator")
         console.print("release: migrations and topics")
         release(Settings())
         honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "start", "-f", str(ROOT / "Procfile"),

@@ -50,7 +50,9 @@ def keep_freed_memory() -> bool:
     more) are still mapped afresh.
 
     Nothing is changed when the environment sets ``MALLOC_MMAP_THRESHOLD_`` or
-    ``MALLOC_TRIM_THRESHOLD_`` (the operator's choice), or the C library is not glibc.
+    ``MALLOC_TRIM_THRESHOLD_`` (the operator's choice), or the C library is not glibc. Threads
+    other than the main one allocate from glibc arenas these settings do not keep; under jemalloc
+    (:func:`ops.stack.jemalloc_env`) glibc's malloc is not used at all.
 
     Returns:
         Whether the thresholds were set.

@@ -1,6 +1,9 @@
 """The embedded stack `make demo` uses on a machine with no services of its own."""
 
+import ctypes.util
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,7 +14,7 @@ from kafka.errors import KafkaError
 import sqlalchemy as sa
 
 from ops.release import release
-from ops.stack import LocalStack, kafka_ready
+from ops.stack import JEMALLOC_CONF, LocalStack, jemalloc_env, kafka_ready
 from schemas.settings import Settings
 
 
@@ -57,3 +60,20 @@ def test_a_stale_postmaster_is_stopped_before_starting(state_dir):
     with LocalStack(state_dir, env={}, services=("postgres",)) as second:
         url = second.urls["postgres"].replace("+psycopg2", "")
         psycopg2.connect(url).close()
+
+
+def test_jemalloc_is_preloaded_when_installed_unless_the_operator_chose(monkeypatch):
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "libjemalloc.so.2" if name == "jemalloc" else None)
+    assert jemalloc_env({}) == {"LD_PRELOAD": "libjemalloc.so.2", "MALLOC_CONF": JEMALLOC_CONF}
+    assert jemalloc_env({"MALLOC_CONF": "narenas:2"})["MALLOC_CONF"] == "narenas:2"
+    assert jemalloc_env({"LD_PRELOAD": "libtcmalloc.so.4"}) == {}
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert jemalloc_env({}) == {}
+
+
+@pytest.mark.skipif(ctypes.util.find_library("jemalloc") is None, reason="jemalloc not installed (Debian: libjemalloc2)")
+def test_a_process_started_with_it_allocates_with_jemalloc():
+    env = jemalloc_env({})
+    maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=env,
+                          capture_output=True, text=True, check=True)
+    assert "libjemalloc" in maps.stdout and not maps.stderr, maps.stderr
