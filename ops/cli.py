@@ -43,11 +43,10 @@ def running_system(state_dir: Path, processes: list[str]) -> Iterator[dict[str, 
             console.print(f"[bold]{name}[/] {how}: {url}")
         os.environ.update(stack.environ())
         os.environ.setdefault("LOOKALIKE_SNAPSHOT_DIR", str(stack.state_dir / "snapshots"))
-        allocator = jemalloc_env()  # for the Procfile's processes, when installed
-        env = {**os.environ, **allocator, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        console.print(f"[bold]allocator[/]: {allocator['LD_PRELOAD']}" if allocator else
-                      "[bold]allocator[/]: as set (LD_PRELOAD)" if "LD_PRELOAD" in os.environ else
-                      "[bold]allocator[/]: glibc's; jemalloc (Debian: libjemalloc2) is faster, see the README's Allocator")
+        env = {**os.environ, **jemalloc_env(),  # the Procfile's processes' allocator, when installed
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        console.print("[bold]allocator[/]: " + (env.get("LD_PRELOAD") or "glibc's malloc; jemalloc (Debian: "
+                                                "libjemalloc2) is faster, see the README's Allocator"))
         console.print("release: migrations and topics")
         release(Settings())
         honcho = subprocess.Popen([str(Path(sys.executable).parent / "honcho"), "start", "-f", str(ROOT / "Procfile"),

@@ -97,9 +97,9 @@ class VectorChange(BaseModel):
                    model_version=model_version, source_timestamp_ms=source_timestamp_ms,
                    vector=None if vector is None else base64.b64encode(vector.astype("<f4").tobytes()).decode())
 
-    def array(self) -> np.ndarray:
-        """The vector, float32 (D,)."""
-        return np.frombuffer(base64.b64decode(self.vector or ""), dtype="<f4")
+    def array(self) -> np.ndarray | None:
+        """The vector, float32 (D,); None for a delete."""
+        return None if self.op == "delete" else np.frombuffer(base64.b64decode(self.vector or ""), dtype="<f4")
 
 
 class DeadLetter(BaseModel):

@@ -81,7 +81,7 @@ class OwnedShard:
     def apply(self, changes: list[VectorChange], receipts: list) -> None:
         """Apply published changes; ``receipts`` are their RecordMetadata or ConsumerRecords
         (offset, timestamp), possibly more than ``changes`` (another model version's changes)."""
-        self.shard.apply((change.product_id, None if change.vector is None else change.array()) for change in changes)
+        self.shard.apply((change.product_id, change.array()) for change in changes)
         if receipts:
             if self.changes == 0:
                 self.first_change_at = time.monotonic()

@@ -111,7 +111,7 @@ class Replica:
         for record in records:
             try:
                 change = VectorChange.model_validate_json(record.value)
-                vector = None if change.op == "delete" else change.array()
+                vector = change.array()
                 if vector is not None and vector.shape != (self.dim,):
                     raise ValueError(f"a vector of {vector.shape[0]} dims, expected {self.dim}")
             except (ValidationError, ValueError) as exc:  # written by our own indexer: a bug
@@ -121,9 +121,10 @@ class Replica:
                 changes.append((change.product_id, vector, change.source_timestamp_ms))
         self.shards.shards[partition].apply((product_id, vector) for product_id, vector, _ in changes)
         if partition in self._live:  # searchable from now
+            now = time.time()
             for *_, source_ms in changes:
                 if source_ms is not None:
-                    metrics.REPLICA_FRESHNESS.observe(max(0.0, time.time() - source_ms / 1000))
+                    metrics.REPLICA_FRESHNESS.observe(max(0.0, now - source_ms / 1000))
 
     def report(self) -> None:
         """Publish this replica's sizes and lag to the metrics and to Redis (for readiness)."""
