@@ -12,6 +12,10 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
 - both with 1 and with 2 concurrent callers (a worker's two threads), and the ratio of the best
   pipeline to the best raw forward, paired: taken within each rep (the four timings run back to
   back), then the median over the reps, so that the machine's slow spells cancel;
+- *where the pipeline's time goes*: with one caller, the wall time of each stage an image
+  (:data:`STAGES`; "model" is its pass on the batch, L2-normalised, between the other steps)
+  against the model alone back to back: what the pipeline takes beyond the model, and what it may
+  take for the pipeline to reach 0.9 of the model alone (a ninth of the model's time);
 - *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
   sample catalog topped up to catalog scale (:func:`fill_catalog`); S submitters (1, 4, 16) each
   submit a photo through the HTTP API, wait for it to end and submit the next; jobs/s (median of
@@ -39,6 +43,7 @@ import numpy as np
 from ops.bench import DATA
 
 CATALOG_VECTORS = 44_446  # products of Fashion Product Images (rows of its styles.csv)
+STAGES = ("decode", "segment and crop", "letterbox and normalise", "model", "heads")  # timed with one caller
 
 
 @dataclass
@@ -47,6 +52,18 @@ class ForwardRow:
     raw_per_s: dict[int, float]  # concurrent callers -> images/s of the model alone (median of the reps)
     pipeline_per_s: dict[int, float]  # concurrent callers -> images/s of the whole pipeline (median of the reps)
     ratio: float  # median over the reps of: best pipeline / best raw forward in that rep (paired)
+    stages_ms: dict[str, float]  # STAGES -> ms an image with one caller (wall time, median of the reps)
+
+    @property
+    def model_ms(self) -> float:
+        """ms an image of the model alone with one caller (from its median images/s)."""
+        return 1000 / self.raw_per_s[1]
+
+    @property
+    def around_ms(self) -> float:
+        """ms an image that the pipeline takes beyond the model alone, one caller: its steps around
+        the model, and the model's own pass running slower between them than back to back."""
+        return sum(self.stages_ms.values()) - self.model_ms
 
     @property
     def ratio_of_medians(self) -> float:
@@ -82,14 +99,21 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
     """(device, rows): raw forward and pipeline images/s at each batch size, with 1 and 2
     concurrent callers (a worker runs ``-c 2`` threads: one thread's decoding and segmentation
     overlap the other's forward pass; the model alone is measured the same way, and the ratio
-    takes the best of each)."""
+    takes the best of each), and each row's :data:`STAGES` timed with one caller.
+
+    Raises:
+        ValueError: ``callers`` lacks 1 (the stages are timed with one caller).
+    """
     import torch
+
+    if 1 not in callers:
+        raise ValueError(f"callers {callers} must include 1: the pipeline's stages are timed with one caller")
 
     from schemas.settings import WorkerSettings
     from workers import gpu
     from workers.classify import DEFAULT_DIR, CategoryHeads
     from workers.decode import decode
-    from workers.embed import INPUT_PX, Embedder
+    from workers.embed import INPUT_PX, Embedder, unit_rows
     from workers.segment import Segmenter
 
     settings = WorkerSettings()
@@ -114,34 +138,57 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
             if embedder.device.type == "cuda":
                 torch.cuda.synchronize()
 
-        def pipeline(caller: int) -> None:
+        def pipeline(caller: int, stages: list[float] | None = None) -> None:
+            """The pipeline, ``rounds`` times; adds each stage's seconds to ``stages`` (STAGES' order)."""
             for r in range(rounds):
                 chunk = [data[((r * max(callers) + caller) * n + i) % len(data)] for i in range(n)]
+                clock = [time.perf_counter()]
                 if on_device:
                     pixels = gpu.decode_on(embedder.device, chunk, settings.max_pixels)
                 else:  # as the worker: in its pool when there are several
                     pixels = list((pool.map if n > 1 else map)(lambda b: decode(b, settings.max_pixels), chunk))
+                clock.append(time.perf_counter())
                 crops = [crop for crop, _ in segmenter.crop_all(pixels)]
-                heads.predict(embedder.embed(crops))  # the heads alone: the catalog's votes need the replicas
+                clock.append(time.perf_counter())
+                x = embedder.prepare(crops)  # embedder.embed(crops) in two stages
+                clock.append(time.perf_counter())
+                features = unit_rows(embedder.forward(x))  # waits for CUDA
+                clock.append(time.perf_counter())
+                heads.predict(features)  # the heads alone: the catalog's votes need the replicas
+                clock.append(time.perf_counter())
+                if stages is not None:
+                    for i in range(len(STAGES)):
+                        stages[i] += clock[i + 1] - clock[i]
 
         raw(0), pipeline(0)  # warm up (tracing specialises to the batch shape)
         times = {(kind, c): [] for kind in ("raw", "pipeline") for c in callers}
+        stages = []  # per rep: seconds of each of STAGES, one caller
         with ThreadPoolExecutor(max(callers)) as threads:
             for _ in range(reps):  # interleaved, so the machine's noise hits all alike
                 for (kind, c), took in times.items():
-                    run = raw if kind == "raw" else pipeline
-                    start = time.perf_counter()
-                    list(threads.map(run, range(c)))
+                    if kind == "pipeline" and c == 1:
+                        stages.append([0.0] * len(STAGES))
+                        start = time.perf_counter()
+                        pipeline(0, stages[-1])
+                    else:
+                        run = raw if kind == "raw" else pipeline
+                        start = time.perf_counter()
+                        list(threads.map(run, range(c)))
                     took.append(time.perf_counter() - start)
         rates = {key: [key[1] * rounds * n / t for t in took] for key, took in times.items()}
         paired = [max(rates["pipeline", c][r] for c in callers) / max(rates["raw", c][r] for c in callers)
                   for r in range(reps)]
         row = ForwardRow(n, {c: statistics.median(rates["raw", c]) for c in callers},
-                         {c: statistics.median(rates["pipeline", c]) for c in callers}, statistics.median(paired))
+                         {c: statistics.median(rates["pipeline", c]) for c in callers}, statistics.median(paired),
+                         {name: statistics.median(rep[i] for rep in stages) * 1000 / (rounds * n)
+                          for i, name in enumerate(STAGES)})
         say(f"  batch {n}: raw " + ", ".join(f"{v:.1f}" for v in row.raw_per_s.values())
             + " img/s, pipeline " + ", ".join(f"{v:.1f}" for v in row.pipeline_per_s.values())
             + f" img/s with {', '.join(map(str, callers))} caller(s); ratio {row.ratio:.2f} paired"
             + f" ({row.ratio_of_medians:.2f} of the medians)")
+        say("    one caller, ms an image: " + ", ".join(f"{k} {v:.2f}" for k, v in row.stages_ms.items())
+            + f"; model alone {row.model_ms:.2f}, so {row.around_ms:.2f} beyond it"
+            + f" (0.9 of the model alone allows {row.model_ms / 9:.2f})")
         rows.append(row)
     pool.shutdown()
     return f"{embedder.device}, {embedder.precision}", rows

@@ -407,9 +407,9 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
                     help="Products searched in the Celery part: the sample, then filler products up to this "
                          "many (default: as many as Fashion Product Images has photos, 44,446; 0: the "
                          "sample alone).")) -> None:
-    """Raw model forward vs the whole pipeline at batch 1/8/32 (and 128 on CUDA); jobs/s and latency
-    through Celery with and without micro-batching at 1, 4 and 16 submitters, over a catalog of
-    Fashion Product Images' size."""
+    """Raw model forward vs the whole pipeline at batch 1/8/32 (and 128 on CUDA), and the pipeline's
+    stages; jobs/s and latency through Celery with and without micro-batching at 1, 4 and 16
+    submitters, over a catalog of Fashion Product Images' size."""
     import shutil
 
     import torch
@@ -460,6 +460,13 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
         table.add_row(str(row.batch), " / ".join(f"{v:.1f}" for v in row.raw_per_s.values()),
                       " / ".join(f"{v:.1f}" for v in row.pipeline_per_s.values()),
                       f"{row.ratio:.2f} ({row.ratio_of_medians:.2f})")
+    console.print(table)
+    table = Table(title=f"pipeline, one caller, ms an image: {where}")
+    for column in ("batch", *bench.STAGES, "model alone", "beyond the model", "0.9 allows"):
+        table.add_column(column)
+    for row in forward:
+        table.add_row(str(row.batch), *(f"{ms:.2f}" for ms in row.stages_ms.values()), f"{row.model_ms:.2f}",
+                      f"{row.around_ms:.2f}", f"{row.model_ms / 9:.2f}")
     console.print(table)
     table = Table(title=f"search ms per job, {bench.CATALOG_VECTORS:,} vectors, k 10: {where}")
     for column in ("jobs in the micro-batch", "one search of the batch", "one search per job", "ratio"):

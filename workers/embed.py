@@ -190,16 +190,27 @@ class Embedder:
         with torch.inference_mode():
             return self._model(x)
 
-    def _forward(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
+    def prepare(self, images: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
+        """Letterbox (:func:`workers.gpu.letterbox`) and normalise a batch for :meth:`forward`: N uint8
+        (H, W, 3) RGB, numpy arrays or tensors on ``device`` -> (N, 3, 224, 224) channels_last on
+        ``device``, float32 on CPU, bfloat16 on CUDA, ``(pixel - MEAN_RGB) / STDDEV_RGB``."""
         with torch.inference_mode():
             x = torch.stack([gpu.letterbox(torch.as_tensor(image, device=self.device), INPUT_PX) for image in images])
             x = x.permute(0, 3, 1, 2).float().sub_(MEAN_RGB).div_(STDDEV_RGB)  # NHWC memory: channels_last
-            x = x.to(torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                     memory_format=torch.channels_last)
-        features = self.forward(x).float()
+            return x.to(torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                        memory_format=torch.channels_last)
+
+    def _forward(self, images: list[np.ndarray] | list[torch.Tensor]) -> np.ndarray:
+        features = self.forward(self.prepare(images))
         metrics.EMBED_BATCH_IMAGES.observe(len(images))
         metrics.IMAGES_EMBEDDED.inc(len(images))
-        return torch.nn.functional.normalize(features, dim=1).cpu().numpy()
+        return unit_rows(features)
+
+
+def unit_rows(features: torch.Tensor) -> np.ndarray:
+    """Pooled features (N, 1280), any float dtype and device -> float32 (N, 1280) numpy, each row
+    L2-normalised (waits for the device)."""
+    return torch.nn.functional.normalize(features.float(), dim=1).cpu().numpy()
 
 
 class _Pooled(torch.nn.Module):

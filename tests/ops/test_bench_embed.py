@@ -1,13 +1,16 @@
-"""The filler of ``lookalike bench embed``'s catalog-scale Celery part, on the real PostgreSQL."""
+"""``lookalike bench embed``: the filler of its catalog-scale Celery part, on the real PostgreSQL; the
+stage timings of its forward rows."""
 
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from ops import bench_embed
 from ops.bench_embed import FILLER_TITLE, fill_catalog
 from schemas.events import CatalogEvent, ImageRef
 from schemas.tables import product_vectors, products
@@ -54,3 +57,19 @@ def test_fill_catalog_tops_the_catalog_up_with_labelled_unit_vectors(engine):
     finally:
         with engine.begin() as conn:  # vectors go with their products (ON DELETE CASCADE)
             conn.execute(sa.delete(products).where(products.c.id >= first, products.c.id <= first + 25))
+
+
+def test_forward_rows_time_the_pipeline_s_stages_within_its_one_caller_run(monkeypatch):
+    sample = sorted((Path(__file__).resolve().parents[2] / "ops" / "sample" / "images").glob("*.jpg"))
+    monkeypatch.setattr(bench_embed, "photos", lambda n: [p.read_bytes() for p in sample[:n]])
+    with pytest.raises(ValueError, match="include 1"):
+        bench_embed.forward_rows([2], 1, callers=(2,))
+    said = []
+    _, (row,) = bench_embed.forward_rows([2], 1, say=said.append)
+    assert row.batch == 2 and set(row.raw_per_s) == set(row.pipeline_per_s) == {1, 2}
+    assert list(row.stages_ms) == list(bench_embed.STAGES) and all(ms > 0 for ms in row.stages_ms.values())
+    # The stages are timed inside the one-caller pipeline's own run: together nearly all of its time an image.
+    wall_ms = 1000 / row.pipeline_per_s[1]
+    assert 0.8 * wall_ms <= sum(row.stages_ms.values()) <= wall_ms
+    assert row.around_ms == pytest.approx(sum(row.stages_ms.values()) - 1000 / row.raw_per_s[1])
+    assert "model alone" in said[-1] and f"{row.around_ms:.2f} beyond it" in said[-1]

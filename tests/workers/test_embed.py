@@ -1,5 +1,6 @@
 """The embedder's process setup: glibc's allocator keeps the forward pass's memory (workers.embed.keep_freed_memory);
-and bfloat16 on the CPU (workers.embed.has_native_bfloat16, ModelSettings.cpu_bfloat16)."""
+bfloat16 on the CPU (workers.embed.has_native_bfloat16, ModelSettings.cpu_bfloat16); a batch
+prepared for the model (Embedder.prepare)."""
 
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from schemas.settings import ModelSettings
 from workers.decode import decode
-from workers.embed import BF16_CPU_BATCH, INPUT_PX, Embedder, has_native_bfloat16, keep_freed_memory
+from workers.embed import BF16_CPU_BATCH, INPUT_PX, Embedder, has_native_bfloat16, keep_freed_memory, unit_rows
 
 SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "ops" / "sample" / "images"
 
@@ -74,3 +75,20 @@ def test_the_setting_decides_bfloat16_and_auto_follows_the_cpu_s_bfloat16_flags(
     assert has_native_bfloat16(str(tmp_path / "amx")) and has_native_bfloat16(str(tmp_path / "zen4"))
     assert not has_native_bfloat16(str(tmp_path / "avx512")) and not has_native_bfloat16(str(tmp_path / "avx2"))
     assert not has_native_bfloat16(str(tmp_path / "none"))
+
+
+def test_prepare_letterboxes_on_white_and_normalises_and_embed_is_prepare_then_forward():
+    wide = np.zeros((56, 112, 3), dtype=np.uint8)
+    wide[:] = (255, 0, 0)  # red, twice as wide as high: white bands above and below
+    model = Embedder("test-model", "cpu", threads=1, bfloat16=False)
+    x = model.prepare([wide, np.full((224, 224, 3), 127, dtype=np.uint8)])
+    assert x.shape == (2, 3, INPUT_PX, INPUT_PX) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    white, red = (255 - 127) / 128, torch.tensor([(255 - 127) / 128, -127 / 128, -127 / 128])
+    assert torch.allclose(x[0, :, :50], torch.full((3, 50, INPUT_PX), white))  # band of 56 rows
+    assert torch.allclose(x[0, :, 60:164, 100], red[:, None]) and torch.allclose(x[0, :, 174:, 7], torch.tensor(white))
+    assert torch.all(x[1] == 0)  # the mean grey, already square and 224 px: untouched
+    photos = [decode(p.read_bytes(), 10**8) for p in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:3]]
+    vectors = model.embed(photos)
+    np.testing.assert_allclose(unit_rows(model.forward(model.prepare(photos))), vectors, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
