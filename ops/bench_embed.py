@@ -13,9 +13,9 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   pipeline to the best raw forward, paired: taken within each rep (the four timings run back to
   back), then the median over the reps, so that the machine's slow spells cancel;
 - *where the pipeline's time goes*: with one caller, the wall time of each stage an image
-  (:data:`STAGES`; "model" is its pass on the batch, L2-normalised, between the other steps)
-  against the model alone back to back: what the pipeline takes beyond the model, and what it may
-  take for the pipeline to reach 0.9 of the model alone (a ninth of the model's time);
+  (:data:`STAGES`; "model" is its pass on the batch, L2-normalised, between the other steps),
+  the steps around the model together, and what they may take for the pipeline to reach 0.9 of
+  the model alone (a ninth of the model's time back to back);
 - *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
   sample catalog topped up to catalog scale (:func:`fill_catalog`); S submitters (1, 4, 16) each
   submit a photo through the HTTP API, wait for it to end and submit the next; jobs/s (median of
@@ -60,10 +60,9 @@ class ForwardRow:
         return 1000 / self.raw_per_s[1]
 
     @property
-    def around_ms(self) -> float:
-        """ms an image that the pipeline takes beyond the model alone, one caller: its steps around
-        the model, and the model's own pass running slower between them than back to back."""
-        return sum(self.stages_ms.values()) - self.model_ms
+    def steps_ms(self) -> float:
+        """ms an image of the pipeline's steps around the model, one caller: every stage but "model"."""
+        return sum(ms for name, ms in self.stages_ms.items() if name != "model")
 
     @property
     def ratio_of_medians(self) -> float:
@@ -187,8 +186,8 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
             + f" img/s with {', '.join(map(str, callers))} caller(s); ratio {row.ratio:.2f} paired"
             + f" ({row.ratio_of_medians:.2f} of the medians)")
         say("    one caller, ms an image: " + ", ".join(f"{k} {v:.2f}" for k, v in row.stages_ms.items())
-            + f"; model alone {row.model_ms:.2f}, so {row.around_ms:.2f} beyond it"
-            + f" (0.9 of the model alone allows {row.model_ms / 9:.2f})")
+            + f"; steps around the model {row.steps_ms:.2f}, where 0.9 of the model alone"
+            + f" ({row.model_ms:.2f} back to back) allows {row.model_ms / 9:.2f}")
         rows.append(row)
     pool.shutdown()
     return f"{embedder.device}, {embedder.precision}", rows

@@ -23,6 +23,7 @@ import os
 import pwd
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -62,6 +63,21 @@ def jemalloc_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     if name is None:
         return {}
     return {"LD_PRELOAD": name, "MALLOC_CONF": environ.get("MALLOC_CONF", JEMALLOC_CONF)}
+
+
+def rerun_with_jemalloc(argv: list[str]) -> None:
+    """Run this Python program again, in this process, with :func:`jemalloc_env` added to the
+    environment (``os.execve``: ``LD_PRELOAD`` only takes effect when a process starts); return
+    without doing anything when that adds nothing (jemalloc not installed, or ``LD_PRELOAD``
+    already set: then by the run before). ``lookalike bench embed`` calls it so that its own
+    forward passes run on the allocator of the workers it compares them with.
+
+    Args:
+        argv: The program and its arguments (``sys.argv``), run with ``sys.executable``.
+    """
+    extra = jemalloc_env()
+    if extra:
+        os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **extra})
 
 
 def free_port() -> int:

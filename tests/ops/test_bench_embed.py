@@ -71,5 +71,5 @@ def test_forward_rows_time_the_pipeline_s_stages_within_its_one_caller_run(monke
     # The stages are timed inside the one-caller pipeline's own run: together nearly all of its time an image.
     wall_ms = 1000 / row.pipeline_per_s[1]
     assert 0.8 * wall_ms <= sum(row.stages_ms.values()) <= wall_ms
-    assert row.around_ms == pytest.approx(sum(row.stages_ms.values()) - 1000 / row.raw_per_s[1])
-    assert "model alone" in said[-1] and f"{row.around_ms:.2f} beyond it" in said[-1]
+    assert row.steps_ms == pytest.approx(sum(row.stages_ms.values()) - row.stages_ms["model"])
+    assert f"steps around the model {row.steps_ms:.2f}" in said[-1] and f"{1000 / row.raw_per_s[1]:.2f}" in said[-1]

@@ -1,6 +1,7 @@
 """The embedded stack `make demo` uses on a machine with no services of its own."""
 
 import ctypes.util
+import os
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,26 @@ def test_a_process_started_with_it_allocates_with_jemalloc():
     maps = subprocess.run([sys.executable, "-c", "print(open('/proc/self/maps').read())"], env=env,
                           capture_output=True, text=True, check=True)
     assert "libjemalloc" in maps.stdout and not maps.stderr, maps.stderr
+
+
+RERUN = """
+import sys
+sys.path.insert(0, {root!r})
+from ops.stack import rerun_with_jemalloc
+print("started", flush=True)
+rerun_with_jemalloc(sys.argv)
+print("jemalloc" if "libjemalloc" in open("/proc/self/maps").read() else "glibc", *sys.argv[1:])
+"""
+
+
+@pytest.mark.skipif(ctypes.util.find_library("jemalloc") is None, reason="jemalloc not installed (Debian: libjemalloc2)")
+def test_a_program_reruns_itself_with_jemalloc_once_unless_ld_preload_is_set(tmp_path):
+    program = tmp_path / "program.py"
+    program.write_text(RERUN.format(root=str(Path(__file__).resolve().parents[2])))
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    again = subprocess.run([sys.executable, str(program), "embed", "--reps", "3"], env=env,
+                           capture_output=True, text=True, check=True, timeout=60)
+    assert again.stdout.split("\n") == ["started", "started", "jemalloc embed --reps 3", ""], again.stderr
+    kept = subprocess.run([sys.executable, str(program), "embed"], env={**env, "LD_PRELOAD": ""},
+                          capture_output=True, text=True, check=True, timeout=60)
+    assert kept.stdout.split("\n") == ["started", "glibc embed", ""], kept.stderr
