@@ -416,6 +416,7 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
     from ops.stack import rerun_with_jemalloc
 
     rerun_with_jemalloc(sys.argv)
+
     import torch
 
     from ops import bench_embed as bench
