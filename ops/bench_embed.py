@@ -31,6 +31,7 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
 
 from __future__ import annotations
 
+import functools
 import statistics
 import tarfile
 import time
@@ -58,6 +59,12 @@ class ForwardRow:
     def model_ms(self) -> float:
         """ms an image of the model alone with one caller (from its median images/s)."""
         return 1000 / self.raw_per_s[1]
+
+    @property
+    def allowed_ms(self) -> float:
+        """ms an image the steps around the model may take for the pipeline to reach 0.9 of the
+        model alone: a ninth of :attr:`model_ms`."""
+        return self.model_ms / 9
 
     @property
     def steps_ms(self) -> float:
@@ -103,10 +110,9 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
     Raises:
         ValueError: ``callers`` lacks 1 (the stages are timed with one caller).
     """
-    import torch
-
     if 1 not in callers:
         raise ValueError(f"callers {callers} must include 1: the pipeline's stages are timed with one caller")
+    import torch
 
     from schemas.settings import WorkerSettings
     from workers import gpu
@@ -165,14 +171,12 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
         with ThreadPoolExecutor(max(callers)) as threads:
             for _ in range(reps):  # interleaved, so the machine's noise hits all alike
                 for (kind, c), took in times.items():
-                    if kind == "pipeline" and c == 1:
+                    run = raw if kind == "raw" else pipeline
+                    if kind == "pipeline" and c == 1:  # in a pool thread too, as every other timing
                         stages.append([0.0] * len(STAGES))
-                        start = time.perf_counter()
-                        pipeline(0, stages[-1])
-                    else:
-                        run = raw if kind == "raw" else pipeline
-                        start = time.perf_counter()
-                        list(threads.map(run, range(c)))
+                        run = functools.partial(pipeline, stages=stages[-1])
+                    start = time.perf_counter()
+                    list(threads.map(run, range(c)))
                     took.append(time.perf_counter() - start)
         rates = {key: [key[1] * rounds * n / t for t in took] for key, took in times.items()}
         paired = [max(rates["pipeline", c][r] for c in callers) / max(rates["raw", c][r] for c in callers)
@@ -187,7 +191,7 @@ def forward_rows(batches: list[int], reps: int, callers: tuple[int, ...] = (1, 2
             + f" ({row.ratio_of_medians:.2f} of the medians)")
         say("    one caller, ms an image: " + ", ".join(f"{k} {v:.2f}" for k, v in row.stages_ms.items())
             + f"; steps around the model {row.steps_ms:.2f}, where 0.9 of the model alone"
-            + f" ({row.model_ms:.2f} back to back) allows {row.model_ms / 9:.2f}")
+            + f" ({row.model_ms:.2f} back to back) allows {row.allowed_ms:.2f}")
         rows.append(row)
     pool.shutdown()
     return f"{embedder.device}, {embedder.precision}", rows
