@@ -72,11 +72,16 @@ def resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     0.05% of the pixels differ; tests/workers/test_gpu.py). CUDA has no uint8 kernel: there it runs
     in float, as torchvision's ``antialias=True`` is meant to match Pillow.
     """
-    x = pixels.permute(2, 0, 1)[None]
     if pixels.device.type == "cpu":
-        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        # (1, 3, H, W) strided as channels_last, the batch dimension included (``permute(2, 0, 1)[None]``
+        # gives it a stride of 3, and torch then takes the input for planar): the kernel's fast path,
+        # which writes channels_last, so the (H, W, 3) result is contiguous. Same pixels as the planar
+        # route, in half the time at 224 px, and stacking a batch of them is a plain copy.
+        x = F.interpolate(pixels[None].permute(0, 3, 1, 2), size=(height, width), mode="bilinear", antialias=True,
+                          align_corners=False)
         return x[0].permute(1, 2, 0)
-    x = F.interpolate(x.float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    x = pixels.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return x[0].round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
 
 

@@ -85,7 +85,8 @@ class Segmenter:
         s = self.work_px
         on_device = isinstance(images[0], torch.Tensor)
         with torch.inference_mode():
-            # (N, 3, S, S) planar (the resize's own layout), so that the per-channel ops below vectorise
+            # (N, 3, S, S) planar (stacking transposes the resize's (S, S, 3)), so that the per-channel ops
+            # below vectorise (channels_last stacks as a plain copy, but made the masks 0.5 ms a batch of 8 slower)
             x = torch.stack([gpu.resize(torch.as_tensor(im, device=self.device), s, s).permute(2, 0, 1)
                              for im in images]).float()
             fg, rows, cols, confident, uniformity, fraction = _masks()(
