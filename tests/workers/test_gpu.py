@@ -74,6 +74,18 @@ def test_resizing_on_the_cpu_gives_pillows_pixels_within_two_levels(photos):
             assert np.abs(out - expected).max() <= 2, size
 
 
+def test_resizing_on_the_cpu_writes_contiguous_pixels_equal_to_the_planar_route(photos):
+    """The channels_last route (the uint8 kernel's fast path) against the planar one torch takes when
+    the batch dimension's stride hides the layout: the same pixels, and a contiguous (H, W, 3) result
+    that a batch stacks by plain copy."""
+    for image in photos[:8]:
+        crop = torch.from_numpy(image)[5:-20, 11:-3]  # a view, as a crop box gives
+        planar = torch.nn.functional.interpolate(crop.permute(2, 0, 1)[None], size=(224, 150), mode="bilinear",
+                                                 antialias=True, align_corners=False)[0]
+        out = resize(crop, 224, 150)
+        assert out.is_contiguous() and torch.equal(out, planar.permute(1, 2, 0))
+
+
 def test_letterbox_pads_with_white_and_keeps_the_aspect():
     red = torch.zeros((40, 80, 3), dtype=torch.uint8)
     red[..., 0] = 200
