@@ -90,7 +90,7 @@ class Segmenter:
             x = torch.stack([gpu.resize(torch.as_tensor(im, device=self.device), s, s).permute(2, 0, 1)
                              for im in images]).float()
             fg, rows, cols, confident, uniformity, fraction = _masks()(
-                x, self._ring, self.threshold, self.min_border_uniformity, self.min_foreground, self.max_foreground)
+                x, self.border_px, self.threshold, self.min_border_uniformity, self.min_foreground, self.max_foreground)
             if not on_device:
                 fg = fg.cpu().numpy()
             rows, cols = rows.cpu().numpy(), cols.cpu().numpy()
@@ -122,14 +122,6 @@ class Segmenter:
         """``segment`` then ``apply`` a batch: the pixels to embed, and the box they came from."""
         return [(self.apply(image, seg), seg.box) for image, seg in zip(images, self.segment(images))]
 
-    @functools.cached_property
-    def _ring(self) -> torch.Tensor:
-        """int64 (R,): flat indices (y * S + x) of the border ring, ``border_px`` wide, at the working resolution."""
-        ring = torch.zeros(self.work_px, self.work_px, dtype=torch.bool, device=self.device)
-        b = self.border_px
-        ring[:b], ring[-b:], ring[:, :b], ring[:, -b:] = True, True, True, True
-        return ring.flatten().nonzero()[:, 0]
-
     def _segment_one(self, image: np.ndarray | torch.Tensor, fg: np.ndarray | torch.Tensor, rows: np.ndarray,
                      cols: np.ndarray, confident: bool, uniformity: float, fraction: float) -> Segment:
         height, width = image.shape[:2]
@@ -154,28 +146,30 @@ class Segmenter:
         return Segment(Box(x=left, y=top, w=right - left, h=bottom - top), mask, True, uniformity, fraction)
 
 
-def _masks_eager(x: torch.Tensor, ring: torch.Tensor, threshold: float, min_border_uniformity: float,
+def _masks_eager(x: torch.Tensor, border_px: int, threshold: float, min_border_uniformity: float,
                  min_foreground: float, max_foreground: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 2-5 and 7 of the module docstring on a batch (run as TorchScript, :func:`_masks`).
 
     Args:
         x: float (N, 3, S, S), planar RGB 0-255 at the working resolution.
-        ring: int64 (R,), flat indices (y * S + x) of the border ring.
+        border_px: Width of the border ring, in pixels at the working resolution.
         threshold, min_border_uniformity, min_foreground, max_foreground: as :class:`Segmenter`.
 
     Returns:
         (painted mask bool (N, S, S), box rows bool (N, S), box columns bool (N, S), confident bool (N,),
         border uniformity float (N,), foreground fraction float (N,)).
     """
-    background = x.flatten(2)[:, :, ring].median(dim=2).values                       # (N, 3)
+    ring = _ring(x, border_px)                                                      # (N, 3, R)
+    background = ring.kthvalue((ring.size(2) + 1) // 2, dim=2).values  # (N, 3): median()'s lower median, 3x faster
     distance = (x - background[:, :, None, None]).abs_().amax(dim=1, keepdim=True)  # (N, 1, S, S)
-    uniformity = (distance.flatten(1)[:, ring] <= threshold).float().mean(dim=1)
+    uniformity = (_ring(distance, border_px) <= threshold).float().mean(dim=(1, 2))
     fg = _close(distance > threshold, 5)
     fg = fg | (_between(fg, 3) & _between(fg, 2))  # holes: product on all four sides
     solid = _open(fg, 3)  # without specks: for the box; the painted mask keeps thin parts (straps, laces)
     fraction = solid.float().mean(dim=(1, 2, 3))
-    rows, cols = solid.any(dim=3)[:, 0], solid.any(dim=2)[:, 0]
+    solid8 = solid.to(torch.uint8)  # any() as the max of the bytes: bool reductions are 5-20x slower on the CPU
+    rows, cols = solid8.amax(dim=3)[:, 0] > 0, solid8.amax(dim=2)[:, 0] > 0
     confident = (uniformity >= min_border_uniformity) & (fraction >= min_foreground) & (fraction <= max_foreground)
     return _dilate(fg, 3)[:, 0], rows, cols, confident, uniformity, fraction
 
@@ -187,6 +181,14 @@ def _masks():
     releases and takes the GIL back, and two threads segmenting at once did 0.6x the work of one
     alone (compiled: 2.1x; README, Micro-batching)."""
     return torch.jit.script(_masks_eager)
+
+
+def _ring(x: torch.Tensor, b: int) -> torch.Tensor:
+    """The border ring ``b`` pixels wide of (N, C, S, S) ``x``: (N, C, R), each ring pixel once (top and
+    bottom rows whole, then the rows between at the left and right edges), gathered by slicing: a
+    third of the time of indexing with the ring's flat indices."""
+    return torch.cat([x[:, :, :b].flatten(2), x[:, :, -b:].flatten(2), x[:, :, b:-b, :b].flatten(2),
+                      x[:, :, b:-b, -b:].flatten(2)], dim=2)
 
 
 def _shifted(mask: torch.Tensor, k: int, dim: int, dilate: bool) -> torch.Tensor:

@@ -94,7 +94,7 @@ def test_the_compiled_masks_equal_the_eager_ones(segmenter):
     images = [decode(p.read_bytes(), 4096 * 4096) for p in sorted(SAMPLE.glob("*.jpg"))[:16]]
     s = segmenter.work_px
     x = torch.stack([segment.gpu.resize(torch.from_numpy(im), s, s).permute(2, 0, 1) for im in images]).float()
-    args = (x, segmenter._ring, segmenter.threshold, segmenter.min_border_uniformity, segmenter.min_foreground,
+    args = (x, segmenter.border_px, segmenter.threshold, segmenter.min_border_uniformity, segmenter.min_foreground,
             segmenter.max_foreground)
     for compiled, eager in zip(segment._masks()(*args), segment._masks_eager(*args)):
         assert torch.equal(compiled, eager)
