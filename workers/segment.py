@@ -160,15 +160,15 @@ def _masks_eager(x: torch.Tensor, border_px: int, threshold: float, min_border_u
         (painted mask bool (N, S, S), box rows bool (N, S), box columns bool (N, S), confident bool (N,),
         border uniformity float (N,), foreground fraction float (N,)).
     """
-    ring = _ring(x, border_px)                                                      # (N, 3, R)
-    background = ring.kthvalue((ring.size(2) + 1) // 2, dim=2).values  # (N, 3): median()'s lower median, 3x faster
+    ring = _ring(x, border_px)  # (N, 3, R)
+    background = ring.kthvalue((ring.size(2) + 1) // 2, dim=2).values  # (N, 3): median()'s lower median, 2.6x faster
     distance = (x - background[:, :, None, None]).abs_().amax(dim=1, keepdim=True)  # (N, 1, S, S)
     uniformity = (_ring(distance, border_px) <= threshold).float().mean(dim=(1, 2))
     fg = _close(distance > threshold, 5)
     fg = fg | (_between(fg, 3) & _between(fg, 2))  # holes: product on all four sides
     solid = _open(fg, 3)  # without specks: for the box; the painted mask keeps thin parts (straps, laces)
     fraction = solid.float().mean(dim=(1, 2, 3))
-    solid8 = solid.to(torch.uint8)  # any() as the max of the bytes: bool reductions are 5-20x slower on the CPU
+    solid8 = solid.to(torch.uint8)  # any() as the max of the bytes: bool any() was ~20x slower here
     rows, cols = solid8.amax(dim=3)[:, 0] > 0, solid8.amax(dim=2)[:, 0] > 0
     confident = (uniformity >= min_border_uniformity) & (fraction >= min_foreground) & (fraction <= max_foreground)
     return _dilate(fg, 3)[:, 0], rows, cols, confident, uniformity, fraction
@@ -185,8 +185,8 @@ def _masks():
 
 def _ring(x: torch.Tensor, b: int) -> torch.Tensor:
     """The border ring ``b`` pixels wide of (N, C, S, S) ``x``: (N, C, R), each ring pixel once (top and
-    bottom rows whole, then the rows between at the left and right edges), gathered by slicing: a
-    third of the time of indexing with the ring's flat indices."""
+    bottom rows whole, then the rows between at the left and right edges), gathered by slicing: less
+    than half the time of indexing with the ring's flat indices."""
     return torch.cat([x[:, :, :b].flatten(2), x[:, :, -b:].flatten(2), x[:, :, b:-b, :b].flatten(2),
                       x[:, :, b:-b, -b:].flatten(2)], dim=2)
 
