@@ -68,9 +68,11 @@ def resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
     on the same device.
 
     On the CPU this is torch's uint8 channels-last kernel (ported from Pillow-SIMD), 2.5-3.4x faster
-    than Pillow on 2 cores: within two levels of Pillow's pixels (letterboxing 500 catalog crops,
-    0.05% of the pixels differ; tests/workers/test_gpu.py). CUDA has no uint8 kernel: there it runs
-    in float, as torchvision's ``antialias=True`` is meant to match Pillow.
+    than Pillow on 2 cores (measured with the planar route; this one takes about half of that at
+    224 px): within two levels of Pillow's pixels (letterboxing 500 catalog crops, 0.05% of the
+    pixels differ; tests/workers/test_gpu.py); the result is contiguous when the input is a contiguous
+    (H, W, 3) array or a crop of one. CUDA has no uint8 kernel: there it runs in float, as
+    torchvision's ``antialias=True`` is meant to match Pillow.
     """
     if pixels.device.type == "cpu":
         # (1, 3, H, W) strided as channels_last, the batch dimension included (``permute(2, 0, 1)[None]``
