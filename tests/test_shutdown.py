@@ -102,12 +102,13 @@ def statuses(client: redis.Redis, job_ids: list[str]) -> dict[str, str]:
 def test_a_worker_stopped_mid_load_finishes_its_running_jobs_and_loses_none(settings, stack, tmp_path):
     client = redis.Redis.from_url(settings.redis_url)
     drop_queued_jobs(client)  # whatever earlier tests left without a worker
+    # Queued before the worker starts: submitted to a running worker, the jobs could all be done by
+    # the time the last one was sent, however fast it runs.
+    job_ids = submit_jobs(settings, 60)
     first = start_worker(stack, tmp_path / "worker1.log")
     second = None
     try:
-        first.wait_serving()
-        job_ids = submit_jobs(settings, 60)
-
+        first.wait_serving(300)  # the machine is shared: loading can be slow
         deadline = time.monotonic() + 60
         while True:  # stop it while some jobs run and others wait
             now = statuses(client, job_ids)
