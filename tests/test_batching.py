@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
 import redis
 from starlette.testclient import TestClient
@@ -16,11 +15,6 @@ from gateway.app import create_app
 from schemas.settings import GatewaySettings
 from tests.conftest import SAMPLE, drop_queued_jobs
 from tests.test_shutdown import start_worker, statuses
-
-
-def scraped(port: int, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
 
 @pytest.mark.parametrize("preprocess", ["off", "on"])
@@ -48,11 +42,11 @@ def test_jobs_submitted_together_share_micro_batches_and_a_bad_one_fails_alone(s
             assert [r["status"] for r in results] == ["done"] * 4 + ["failed"] + ["done"] * 7
             assert results[4]["error"]["code"] == "truncated", results[4]
             # The first jobs find idle threads and run at once; the rest gather while both threads are busy.
-            batches = scraped(worker.metrics_port, "lookalike_worker_batch_jobs_count")
-            assert scraped(worker.metrics_port, "lookalike_worker_batch_jobs_sum") == 12
+            batches = worker.metric("lookalike_worker_batch_jobs_count")
+            assert worker.metric("lookalike_worker_batch_jobs_sum") == 12
             print(f"\n12 jobs in {batches:.0f} micro-batches")
             assert 3 <= batches <= 8, f"12 jobs in {batches} micro-batches\n{worker.log()}"
-            at_most_4 = scraped(worker.metrics_port, 'lookalike_worker_batch_jobs_bucket{le="4.0"}')
+            at_most_4 = worker.metric('lookalike_worker_batch_jobs_bucket{le="4.0"}')
             assert at_most_4 == batches, "a micro-batch held more than LOOKALIKE_JOB_BATCH_SIZE jobs"
         finally:
             worker.terminate_and_wait()

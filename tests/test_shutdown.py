@@ -63,6 +63,11 @@ class Process:
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
             time.sleep(0.3)
 
+    def metric(self, name: str) -> float:
+        """The value of the /metrics line ``name`` (with its labels, e.g. ``x_bucket{le="4.0"}``); 0 if absent."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
     def terminate_and_wait(self, timeout_s: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout_s)
