@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.settings import ModelSettings
 from workers.classify import KNN_K, LEVELS, CategoryHeads
 from workers.decode import decode
 from workers.embed import Embedder
@@ -63,7 +64,9 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
         catalog_images, queries: Directories of ``<id>.<jpg|jpeg|png|webp>``.
         styles_csv: Labels of the catalog and the queries.
         k: Results per query.
-        embedder: Default: EfficientNet-Lite0 on CPU/CUDA (``auto``). heads: Default: the shipped heads.
+        embedder: Default: the one the ``LOOKALIKE_*`` model settings describe, as a worker's
+            (:class:`schemas.settings.ModelSettings`: device, threads, batch, bfloat16). heads: Default: the
+            shipped heads.
         catalog_cache: Take the catalog's features from there where present (a folder of ``lookalike train
             --cache``, :func:`workers.train.extract_features`, made with the same ``segment``); the queries
             always run the whole pipeline.
@@ -82,7 +85,7 @@ def evaluate(catalog_images: Path, styles_csv: Path, queries: Path, k: int = 5,
     """
     import faiss
 
-    embedder = embedder or Embedder("eval", "auto")
+    embedder = embedder or Embedder.from_settings(ModelSettings())
     heads = heads or CategoryHeads()
     labels = read_styles(styles_csv)
     catalog_paths = [p for p in photos(catalog_images) if int(p.stem) in labels]
