@@ -16,11 +16,13 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   (:data:`STAGES`; "model" is its pass on the batch, L2-normalised, between the other steps),
   the steps around the model together, and what they may take for the pipeline to reach 0.9 of
   the model alone (a ninth of the model's time back to back);
-- *through Celery*: a gateway and one worker (``-P threads -c 2``, as the Procfile) over the
+- *through Celery*: a gateway and a worker (``-P threads -c 2``, as the Procfile) with
+  micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``) and one with each size given, over the
   sample catalog topped up to catalog scale (:func:`fill_catalog`); S submitters (1, 4, 16) each
-  submit a photo through the HTTP API, wait for it to end and submit the next; jobs/s (median of
-  the rounds) and latency p50/p95 (the jobs' own created-to-done times, over all rounds), with
-  micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``) and on (each size given);
+  submit a photo through the HTTP API, wait for it to end and submit the next; the workers take
+  turns within each round (:func:`celery_rows`); jobs/s (median of the rounds), its ratio to no
+  batching (paired within each round, then the median) and latency p50/p95 (the jobs' own
+  created-to-done times, over all rounds);
 - *search per job at catalog scale*: the worker's sharded index (``LOOKALIKE_PARTITIONS`` exact
   shards) holding as many random unit vectors as Fashion Product Images has photos; a
   micro-batch of N unfiltered jobs searched as the worker does (one search of the N, which gives
@@ -35,6 +37,7 @@ import functools
 import statistics
 import tarfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,11 +84,13 @@ class ForwardRow:
 class CeleryRow:
     batch_size: int  # LOOKALIKE_JOB_BATCH_SIZE; 1 = no micro-batching
     submitters: int
-    jobs_per_s: float
+    jobs_per_s: float  # median of the rounds
+    vs_off: float  # median of the rounds' jobs_per_s / no batching's in the same round (1.0 for off)
     p50_ms: float
     p95_ms: float
     mean_batch: float  # jobs per micro-batch, from the worker's lookalike_worker_batch_jobs
     failed: int
+    ran: int  # jobs the row's worker ran in its turns (lookalike_worker_batch_jobs): every job of the row
 
 
 def photos(n: int) -> list[bytes]:
@@ -293,42 +298,100 @@ def _unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], submitters: list[int],
                 jobs_per_submitter: int, rounds: int = 3, say=print) -> list[CeleryRow]:
-    """Jobs/s (median of ``rounds``) and latency (p50/p95 over the jobs of every round) through the
-    gateway and one worker, per batch size and submitter count."""
-    from ops.bench_scale import SAMPLE, sample_value, start_gateway, start_worker
+    """Jobs/s and latency through the gateway and one worker per batch size, the configurations
+    interleaved so that a slow stretch of a shared machine falls on all of them.
 
+    Every worker (one per batch size, ``batch_sizes`` including 1: no micro-batching) is started
+    first; only one at a time consumes the queue (Celery's remote control ``add_consumer`` /
+    ``cancel_consumer``), and between turns no job is in flight. Each round runs every configuration
+    once at each submitter count, in an order rotated from round to round. A row's jobs/s is the
+    median of its rounds, ``vs_off`` the median of its rounds' ratios to no batching in the same
+    round (paired), p50/p95 over the jobs of every round.
+
+    Raises:
+        ValueError: ``batch_sizes`` lacks 1, the baseline.
+        RuntimeError: a worker did not come up or did not answer a remote-control command.
+    """
+    from celery import Celery
+
+    from ops.bench_scale import SAMPLE, sample_value, start_gateway, worker_proc
+
+    if 1 not in batch_sizes:
+        raise ValueError(f"batch sizes {batch_sizes} must include 1: the rows are compared with no micro-batching")
     queries = [p.read_bytes() for p in sorted((SAMPLE / "queries").glob("*.jpg"))]
-    gateway, url = start_gateway(env, log_dir)
-    rows = []
+    control = Celery("bench-embed", broker=env["LOOKALIKE_REDIS_URL"], set_as_current=False).control
+    tag = uuid.uuid4().hex[:6]
+    workers = {size: worker_proc({**env, "LOOKALIKE_JOB_BATCH_SIZE": str(size)}, log_dir / f"worker-batch-{size}.log",
+                                 f"bench-embed-{size}-{tag}") for size in batch_sizes}  # loading at once
+    gateway = None
     try:
-        for size in batch_sizes:
-            worker = start_worker({**env, "LOOKALIKE_JOB_BATCH_SIZE": str(size)}, log_dir / f"worker-batch-{size}.log",
-                                  f"bench-embed-{size}")
-            try:
-                _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)  # warm up
-                for s in submitters:
+        for worker in workers.values():
+            worker.wait(functools.partial(lambda w: w.metrics() is not None, worker), "a worker")
+        nodes = _nodes(control, {size: f"bench-embed-{size}-{tag}@" for size in batch_sizes})
+        for node in nodes.values():
+            _consume(control, node, False)
+        gateway, url = start_gateway(env, log_dir)
+        rates: dict[tuple[int, int], list[float]] = {(b, s): [] for b in batch_sizes for s in submitters}
+        latencies = {key: [] for key in rates}
+        failed, batches, batched = dict.fromkeys(rates, 0), dict.fromkeys(rates, 0.0), dict.fromkeys(rates, 0.0)
+        warm = set()
+        for r in range(rounds):
+            order = batch_sizes[r % len(batch_sizes):] + batch_sizes[:r % len(batch_sizes)]
+            for s in submitters:
+                for size in order:
+                    worker, key = workers[size], (size, s)
+                    _consume(control, nodes[size], True)
+                    if size not in warm:
+                        _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)
+                        warm.add(size)
                     before = worker.metrics()
-                    rates, latencies, failed = [], [], 0
-                    for _ in range(rounds):
-                        elapsed, took, lost = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s, jobs_per_submitter)
-                        rates.append(len(took) / elapsed)
-                        latencies += took
-                        failed += lost
+                    elapsed, took, lost = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s, jobs_per_submitter)
                     after = worker.metrics()
-                    count = (sample_value(after, "lookalike_worker_batch_jobs_count")
-                             - sample_value(before, "lookalike_worker_batch_jobs_count"))
-                    total = (sample_value(after, "lookalike_worker_batch_jobs_sum")
-                             - sample_value(before, "lookalike_worker_batch_jobs_sum"))
-                    p50, p95 = np.percentile(latencies, [50, 95]) * 1000
-                    row = CeleryRow(size, s, statistics.median(rates), p50, p95, total / max(count, 1), failed)
-                    say(f"  job batch {size}, {s} submitter(s): {row.jobs_per_s:.1f} jobs/s, p50 {p50:.0f} ms, "
-                        f"p95 {p95:.0f} ms, {row.mean_batch:.1f} jobs per micro-batch, {failed} failed")
-                    rows.append(row)
-            finally:
-                worker.stop()
+                    _consume(control, nodes[size], False)
+                    rates[key].append(len(took) / elapsed)
+                    latencies[key] += took
+                    failed[key] += lost
+                    batches[key] += (sample_value(after, "lookalike_worker_batch_jobs_count")
+                                     - sample_value(before, "lookalike_worker_batch_jobs_count"))
+                    batched[key] += (sample_value(after, "lookalike_worker_batch_jobs_sum")
+                                     - sample_value(before, "lookalike_worker_batch_jobs_sum"))
+            say(f"  round {r + 1} of {rounds}, jobs/s at job batch {' / '.join(map(str, batch_sizes))}: " + "; ".join(
+                f"{s} submitter(s) " + " / ".join(f"{rates[size, s][-1]:.1f}" for size in batch_sizes)
+                for s in submitters))
     finally:
-        gateway.stop()
+        if gateway is not None:
+            gateway.stop()
+        for worker in workers.values():
+            worker.stop()
+    rows = []
+    for (size, s), rate in rates.items():
+        p50, p95 = np.percentile(latencies[size, s], [50, 95]) * 1000
+        rows.append(CeleryRow(size, s, statistics.median(rate),
+                              statistics.median(a / b for a, b in zip(rate, rates[1, s])), p50, p95,
+                              batched[size, s] / max(batches[size, s], 1), failed[size, s], round(batched[size, s])))
     return rows
+
+
+def _nodes(control, prefixes: dict[int, str], timeout_s: float = 30) -> dict[int, str]:
+    """The Celery node name of each worker (by the prefix of its ``-n`` name), once all answer a ping."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = [name for reply in control.ping(timeout=1.0) for name in reply]
+        found = {key: next((n for n in names if n.startswith(prefix)), None) for key, prefix in prefixes.items()}
+        if all(found.values()):
+            return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers {sorted(prefixes.values())} did not answer a ping within {timeout_s:.0f} s "
+                               f"(answered: {names}); see their logs")
+
+
+def _consume(control, node: str, on: bool) -> None:
+    """Make worker ``node`` start (``on``) or stop consuming the vision queue, and wait for its reply."""
+    from schemas.tasks import QUEUE_VISION
+
+    command = control.add_consumer if on else control.cancel_consumer
+    if not command(QUEUE_VISION, destination=[node], reply=True, timeout=10):
+        raise RuntimeError(f"worker {node} did not answer {command.__name__}({QUEUE_VISION!r}) within 10 s")
 
 
 def _submit(url: str, redis_url: str, queries: list[bytes], submitters: int, each: int

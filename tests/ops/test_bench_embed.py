@@ -1,5 +1,5 @@
 """``lookalike bench embed``: the filler of its catalog-scale Celery part, on the real PostgreSQL; the
-stage timings of its forward rows."""
+stage timings of its forward rows; its Celery rows, real workers taking turns on the real broker."""
 
 from __future__ import annotations
 
@@ -73,3 +73,24 @@ def test_forward_rows_time_the_pipeline_s_stages_within_its_one_caller_run(monke
     assert 0.8 * wall_ms <= sum(row.stages_ms.values()) <= wall_ms
     assert row.steps_ms == pytest.approx(sum(row.stages_ms.values()) - row.stages_ms["model"])
     assert f"steps around the model {row.steps_ms:.2f}" in said[-1] and f"{1000 / row.raw_per_s[1]:.2f}" in said[-1]
+
+
+def test_celery_rows_give_each_configuration_its_turn_and_pair_the_rounds(settings, stack, tmp_path):
+    """Two real workers (no micro-batching, up to 4) on the real broker, taking turns: every job of a
+    row is run by that row's worker (the other has stopped consuming), and the ratios are paired."""
+    import redis
+
+    from tests.conftest import drop_queued_jobs
+
+    drop_queued_jobs(redis.Redis.from_url(stack["LOOKALIKE_REDIS_URL"]))
+    said = []
+    with pytest.raises(ValueError, match="include 1"):
+        bench_embed.celery_rows(stack, tmp_path, [4], [1], 1)
+    rows = bench_embed.celery_rows(stack, tmp_path, [1, 4], [1, 2], 2, rounds=2, say=said.append)
+    assert sorted((row.batch_size, row.submitters) for row in rows) == [(1, 1), (1, 2), (4, 1), (4, 2)]
+    for row in rows:
+        assert row.failed == 0 and row.ran == row.submitters * 2 * 2, row  # 2 jobs a submitter, 2 rounds
+        assert row.jobs_per_s > 0 and 0 < row.p50_ms <= row.p95_ms
+        assert row.vs_off == 1.0 if row.batch_size == 1 else row.vs_off > 0
+    assert [line.split(":")[0] for line in said] == ["  round 1 of 2, jobs/s at job batch 1 / 4",
+                                                     "  round 2 of 2, jobs/s at job batch 1 / 4"]
