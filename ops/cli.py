@@ -332,11 +332,14 @@ def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay
     and images/s."""
     import json
 
+    from schemas.settings import ModelSettings
     from workers.classify import CategoryHeads
+    from workers.embed import Embedder
     from workers.evaluate import evaluate
 
-    result = evaluate(catalog_images, styles, queries, k, heads=CategoryHeads(heads) if heads else None,
-                      catalog_cache=cache, segment=segment, votes=votes)
+    result = evaluate(catalog_images, styles, queries, k, embedder=Embedder.from_settings(ModelSettings()),
+                      heads=CategoryHeads(heads) if heads else None, catalog_cache=cache, segment=segment,
+                      votes=votes)
     if as_json:
         print(json.dumps(result))
         return
