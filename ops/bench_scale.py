@@ -110,13 +110,6 @@ def worker_proc(env: dict[str, str], log_path: Path, name: str) -> Proc:
                  "-c", "2", "-n", f"{name}@%h", "--loglevel", "WARNING"], env, log_path)
 
 
-def start_worker(env: dict[str, str], log_path: Path, name: str) -> Proc:
-    """:func:`worker_proc`, once it serves its metrics (model and replicas loaded)."""
-    worker = worker_proc(env, log_path, name)
-    worker.wait(lambda: worker.metrics() is not None, "a worker")
-    return worker
-
-
 def sample_value(text: str, name: str, labels: str = "") -> float:
     """Sum of the samples of ``name`` whose labels contain ``labels``."""
     total = 0.0
