@@ -326,7 +326,7 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
     gateway = None
     try:
         for worker in workers.values():
-            worker.wait(functools.partial(lambda w: w.metrics() is not None, worker), "a worker")
+            worker.wait(lambda w=worker: w.metrics() is not None, "a worker")
         nodes = _nodes(control, {size: f"bench-embed-{size}-{tag}@" for size in batch_sizes})
         for node in nodes.values():
             _consume(control, node, False)
@@ -334,16 +334,14 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
         rates: dict[tuple[int, int], list[float]] = {(b, s): [] for b in batch_sizes for s in submitters}
         latencies = {key: [] for key in rates}
         failed, batches, batched = dict.fromkeys(rates, 0), dict.fromkeys(rates, 0.0), dict.fromkeys(rates, 0.0)
-        warm = set()
         for r in range(rounds):
             order = batch_sizes[r % len(batch_sizes):] + batch_sizes[:r % len(batch_sizes)]
             for s in submitters:
                 for size in order:
                     worker, key = workers[size], (size, s)
                     _consume(control, nodes[size], True)
-                    if size not in warm:
+                    if r == 0 and s == submitters[0]:  # its first turn: warm up
                         _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)
-                        warm.add(size)
                     before = worker.metrics()
                     elapsed, took, lost = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s, jobs_per_submitter)
                     after = worker.metrics()

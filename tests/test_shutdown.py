@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, TopicPartition
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from ops.bench_scale import sample_value
 from ops.publish import publish, read_catalog
 from ops.release import create_topics
 from ops.stack import free_port
@@ -65,8 +66,7 @@ class Process:
 
     def metric(self, name: str) -> float:
         """The value of the /metrics line ``name`` (with its labels, e.g. ``x_bucket{le="4.0"}``); 0 if absent."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+        return sample_value(httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text, name + " ")
 
     def terminate_and_wait(self, timeout_s: float = 60) -> int:
         self.proc.send_signal(signal.SIGTERM)
