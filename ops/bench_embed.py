@@ -34,6 +34,7 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import tarfile
 import time
@@ -297,16 +298,18 @@ def _unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], submitters: list[int],
-                jobs_per_submitter: int, rounds: int = 3, say=print) -> list[CeleryRow]:
+                jobs_per_submitter: int, rounds: int = 3, min_jobs: int = 0, say=print) -> list[CeleryRow]:
     """Jobs/s and latency through the gateway and one worker per batch size, the configurations
     interleaved so that a slow stretch of a shared machine falls on all of them.
 
     Every worker (one per batch size, ``batch_sizes`` including 1: no micro-batching) is started
     first; only one at a time consumes the queue (Celery's remote control ``add_consumer`` /
     ``cancel_consumer``), and between turns no job is in flight. Each round runs every configuration
-    once at each submitter count, in an order rotated from round to round. A row's jobs/s is the
-    median of its rounds, ``vs_off`` the median of its rounds' ratios to no batching in the same
-    round (paired), p50/p95 over the jobs of every round.
+    once at each submitter count, in an order rotated from round to round, each submitter posting
+    ``jobs_per_submitter`` jobs, or more where the row would hold fewer than ``min_jobs`` (12 jobs
+    at 1 submitter last under a second, and their ratio to no batching moved by up to 16% from round
+    to round). A row's jobs/s is the median of its rounds, ``vs_off`` the median of its rounds'
+    ratios to no batching in the same round (paired), p50/p95 over the jobs of every round.
 
     Raises:
         ValueError: ``batch_sizes`` lacks 1, the baseline.
@@ -343,7 +346,8 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
                     if r == 0 and s == submitters[0]:  # its first turn: warm up
                         _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)
                     before = worker.metrics()
-                    elapsed, took, lost = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s, jobs_per_submitter)
+                    elapsed, took, lost = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s,
+                                                  max(jobs_per_submitter, math.ceil(min_jobs / s)))
                     after = worker.metrics()
                     _consume(control, nodes[size], False)
                     rates[key].append(len(took) / elapsed)

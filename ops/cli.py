@@ -400,6 +400,8 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
                                                     help="LOOKALIKE_JOB_BATCH_SIZE of a batching worker (repeatable)."),
                 job_wait_ms: float = typer.Option(None, help="LOOKALIKE_JOB_BATCH_WAIT_MS (default: the setting's)."),
                 jobs: int = typer.Option(12, min=1, help="Jobs per submitter per round."),
+                min_jobs: int = typer.Option(96, min=0, help="Jobs per row per round at least: with fewer "
+                                                             "submitters each posts more."),
                 rounds: int = typer.Option(3, min=1, help="Rounds, each running every configuration in turn "
                                                          "(median jobs/s, paired ratio to no batching)."),
                 reps: int = typer.Option(7, min=1, help="Timings per batch size; the median is shown."),
@@ -456,7 +458,8 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
         console.print("through Celery (a worker, -P threads -c 2, per configuration, taking turns) ...")
         if job_wait_ms is not None:
             env["LOOKALIKE_JOB_BATCH_WAIT_MS"] = str(job_wait_ms)
-        rows = bench.celery_rows(env, logs, [1, *job_batch], [1, 4, 16], jobs, rounds, say=console.print)
+        rows = bench.celery_rows(env, logs, [1, *job_batch], [1, 4, 16], jobs, rounds, min_jobs,
+                                 say=console.print)
     where = f"{machine()}, {device}"
     table = Table(title=f"lookalike bench embed: {where}")
     for column in ("batch", "raw img/s, 1 / 2 callers", "pipeline img/s, 1 / 2 callers",

@@ -86,10 +86,10 @@ def test_celery_rows_give_each_configuration_its_turn_and_pair_the_rounds(settin
     said = []
     with pytest.raises(ValueError, match="include 1"):
         bench_embed.celery_rows(stack, tmp_path, [4], [1], 1)
-    rows = bench_embed.celery_rows(stack, tmp_path, [1, 4], [1, 2], 2, rounds=2, say=said.append)
-    assert sorted((row.batch_size, row.submitters) for row in rows) == [(1, 1), (1, 2), (4, 1), (4, 2)]
-    for row in rows:
-        assert row.failed == 0 and row.ran == row.submitters * 2 * 2, row  # 2 jobs a submitter, 2 rounds
+    rows = bench_embed.celery_rows(stack, tmp_path, [1, 4], [1, 2, 4], 2, rounds=2, min_jobs=6, say=said.append)
+    assert sorted((row.batch_size, row.submitters) for row in rows) == [(b, s) for b in (1, 4) for s in (1, 2, 4)]
+    for row in rows:  # 2 jobs a submitter, at least 6 a row (6 at 1 submitter, 3 each at 2), 2 rounds
+        assert row.failed == 0 and row.ran == {1: 6, 2: 6, 4: 8}[row.submitters] * 2, row
         assert row.jobs_per_s > 0 and 0 < row.p50_ms <= row.p95_ms
         assert row.vs_off == 1.0 if row.batch_size == 1 else row.vs_off > 0
     assert [line.split(":")[0] for line in said] == ["  round 1 of 2, jobs/s at job batch 1 / 4",
