@@ -19,10 +19,10 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
 - *through Celery*: a gateway and a worker (``-P threads -c 2``, as the Procfile) with
   micro-batching off (``LOOKALIKE_JOB_BATCH_SIZE=1``) and one with each size given, over the
   sample catalog topped up to catalog scale (:func:`fill_catalog`); S submitters (1, 4, 16) each
-  submit a photo through the HTTP API, wait for it to end and submit the next; the workers take
-  turns within each round (:func:`celery_rows`); jobs/s (median of the rounds), its ratio to no
-  batching (paired within each round, then the median) and latency p50/p95 (the jobs' own
-  created-to-done times, over all rounds);
+  submit a photo through the HTTP API, wait for it to end and submit the next (at least
+  ``--min-jobs`` a row); the workers take turns within each round (:func:`celery_rows`); jobs/s
+  (median of the rounds), its ratio to no batching (paired within each round, then the median)
+  and latency p50/p95 (the jobs' own created-to-done times, over all rounds);
 - *search per job at catalog scale*: the worker's sharded index (``LOOKALIKE_PARTITIONS`` exact
   shards) holding as many random unit vectors as Fashion Product Images has photos; a
   micro-batch of N unfiltered jobs searched as the worker does (one search of the N, which gives
@@ -308,8 +308,9 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
     once at each submitter count, in an order rotated from round to round, each submitter posting
     ``jobs_per_submitter`` jobs, or more where the row would hold fewer than ``min_jobs`` (12 jobs
     at 1 submitter last under a second; micro-batching's ratio to none there went from 0.84x to
-    1.01x between the rounds of one run). A row's jobs/s is the median of its rounds, ``vs_off`` the median of its rounds'
-    ratios to no batching in the same round (paired), p50/p95 over the jobs of every round.
+    1.01x between the rounds of one run). A row's jobs/s is the median of its rounds, ``vs_off``
+    the median of its rounds' ratios to no batching in the same round (paired), p50/p95 over the
+    jobs of every round.
 
     Raises:
         ValueError: ``batch_sizes`` lacks 1, the baseline.

@@ -458,7 +458,7 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
         console.print("through Celery (a worker, -P threads -c 2, per configuration, taking turns) ...")
         if job_wait_ms is not None:
             env["LOOKALIKE_JOB_BATCH_WAIT_MS"] = str(job_wait_ms)
-        rows = bench.celery_rows(env, logs, [1, *job_batch], [1, 4, 16], jobs, rounds, min_jobs,
+        rows = bench.celery_rows(env, logs, [1, *job_batch], [1, 4, 16], jobs, rounds, min_jobs=min_jobs,
                                  say=console.print)
     where = f"{machine()}, {device}"
     table = Table(title=f"lookalike bench embed: {where}")
