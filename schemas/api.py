@@ -27,7 +27,7 @@ class JobState(StrEnum):
 
 
 class Box(BaseModel):
-    """A box in pixels of the decoded image (EXIF orientation applied): top-left corner and size."""
+    """A box in pixels of the uploaded image (EXIF orientation applied): top-left corner and size."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from schemas.settings import ModelSettings
 from workers.classify import KNN_K, LEVELS, CategoryHeads
-from workers.decode import decode
-from workers.embed import Embedder
+from workers.decode import decode_reduced
+from workers.embed import DECODE_MIN_PX, Embedder
 from workers.segment import Segmenter, segmented
 from workers.train import MAX_PIXELS, load_cache, read_styles
 
@@ -49,7 +49,7 @@ def pipeline(paths: list[Path], embedder: Embedder, classify: Callable[[np.ndarr
     with ThreadPoolExecutor(threads) as pool:
         for n in range(0, len(paths), chunk):
             part = paths[n:n + chunk]
-            v = embed(list(pool.map(lambda p: decode(p.read_bytes(), MAX_PIXELS), part)))
+            v = embed(list(pool.map(lambda p: decode_reduced(p.read_bytes(), MAX_PIXELS, DECODE_MIN_PX).pixels, part)))
             vectors.append(v)
             predicted += classify(v, [int(p.stem) for p in part]) if classify is not None else [{} for _ in part]
     return np.concatenate(vectors), predicted

@@ -31,8 +31,8 @@ from pydantic import ValidationError
 from schemas.events import CatalogEvent, DeadLetter, VectorChange
 from schemas.settings import IndexerSettings
 from workers import catalog, metrics, snapshots
-from workers.decode import decode
-from workers.embed import Embedder
+from workers.decode import decode_reduced
+from workers.embed import DECODE_MIN_PX, Embedder
 from workers.segment import Segmenter
 from workers.errors import FetchError, ImageRejected, InvalidEvent, InvalidInput
 from workers.fetch import Fetcher
@@ -225,7 +225,9 @@ class Indexer:
                 data = fetched[event.product_id] if event.image.url is not None else self.image_bytes(event)
                 if isinstance(data, InvalidInput):
                     raise data
-                images.append((event, decode(data, self.settings.max_pixels, self.settings.max_image_bytes)))
+                decoded = decode_reduced(data, self.settings.max_pixels, max(DECODE_MIN_PX, self.settings.thumbnail_px),
+                                         self.settings.max_image_bytes)
+                images.append((event, decoded.pixels))
             except InvalidInput as exc:
                 futures.append(self.dead_letter(record, exc.message))
                 outcome.dead += 1

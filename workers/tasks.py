@@ -30,8 +30,8 @@ from schemas.settings import WorkerSettings
 from schemas.tasks import QUEUE_VISION, TASK_EMBED, TASK_SEARCH, EmbedTask, SearchTask, transport_options
 from workers import catalog, gpu, metrics
 from workers.classify import DEFAULT_DIR, KNN_K, LEVELS, CategoryHeads, Neighbours, auto_category
-from workers.decode import decode
-from workers.embed import Embedder
+from workers.decode import Decoded, decode, decode_reduced
+from workers.embed import DECODE_MIN_PX, Embedder
 from workers.errors import CropRejected, InvalidInput, UploadExpired
 from workers.fetch import Fetcher
 from workers.replica import Replica
@@ -170,7 +170,11 @@ class Runtime:
             job.data = data
             return
         with _timed(job.timings, "decode"):
-            job.pixels = decode(data, self.settings.max_pixels)
+            if job.task.crop is None:  # the whole photo, or the product in it: decoded no larger than needed
+                job.decoded = decode_reduced(data, self.settings.max_pixels, DECODE_MIN_PX)
+                job.pixels = job.decoded.pixels
+            else:  # a caller's box, in pixels of the upload
+                job.pixels = decode(data, self.settings.max_pixels)
         self._crop(job)
 
     def _decode(self, jobs: list[Job]) -> None:
@@ -185,11 +189,12 @@ class Runtime:
 
     def _crop(self, job: Job) -> None:
         if job.task.crop is not None or self.segmenter is None:  # a caller's crop box wins over segmentation
-            job.pixels, job.box = crop(job.pixels, job.task.crop)
+            job.pixels, box = crop(job.pixels, job.task.crop)
+            job.box = job.upload_box(box)
 
     def _segment(self, jobs: list[Job]) -> None:
         for job, (pixels, box) in zip(jobs, self.segmenter.crop_all([job.pixels for job in jobs])):
-            job.pixels, job.box = pixels, box
+            job.pixels, job.box = pixels, job.upload_box(box)
 
     def _embed(self, jobs: list[Job]) -> None:
         for job, vector in zip(jobs, self.embedder.embed([job.pixels for job in jobs])):
@@ -328,7 +333,8 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     data: bytes | None = None  # the image file, while it waits for decoding on the device
     pixels: np.ndarray | torch.Tensor | None = None  # uint8 (H, W, 3) RGB: decoded, then cropped
-    box: Box | None = None  # the part of the upload that was embedded
+    decoded: Decoded | None = None  # decoded at a reduced size (decode_reduced): the upload's size
+    box: Box | None = None  # the part of the upload that was embedded, in pixels of the upload
     vector: np.ndarray | None = None  # float32 (1, 1280), L2-normalised
     predicted: dict = field(default_factory=dict)  # level -> [(label, prob)], of CategoryHeads.predict
     category: Category | None = None  # the search was restricted to it
@@ -341,6 +347,10 @@ class Job:
     @property
     def live(self) -> bool:
         return not self.ended and self.retry is None
+
+    def upload_box(self, box: Box) -> Box:
+        """A box in pixels of the decoded image -> in pixels of the upload."""
+        return box if self.decoded is None else self.decoded.to_upload(box)
 
 
 def _excluded(task: SearchTask) -> np.ndarray:

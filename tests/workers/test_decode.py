@@ -10,7 +10,8 @@ from PIL import Image, ImageOps
 
 from tests.conftest import SAMPLE
 
-from workers.decode import MIN_SIDE_PX, decode
+from schemas.api import Box
+from workers.decode import MIN_SIDE_PX, Decoded, decode, decode_reduced
 from workers.errors import ImageRejected
 
 MAX_PIXELS = 4096 * 4096
@@ -190,3 +191,68 @@ def test_pixel_limit_counts_pixels_after_rotation_the_same():
     with pytest.raises(ImageRejected) as caught:
         decode(with_orientation(6), W * H - 1)
     assert caught.value.code == "too_many_pixels"
+
+
+def big_photo(size: tuple[int, int], **params) -> bytes:
+    """A catalog photo scaled up to a phone photo's size, with a little noise (a sensor's), as JPEG."""
+    image = Image.open(SAMPLE / "queries" / "10128.jpg").convert("RGB").resize(size, Image.BICUBIC)
+    noise = np.random.default_rng(0).normal(0, 3, (size[1], size[0], 3))
+    return encode(Image.fromarray(np.clip(np.asarray(image) + noise, 0, 255).astype(np.uint8)), "JPEG", quality=90,
+                  **params)
+
+
+def test_a_large_jpeg_is_decoded_reduced_but_not_below_the_long_side_asked():
+    data = big_photo((1500, 2000))
+    whole = decode(data, MAX_PIXELS)
+    for min_long_side, shape in ((448, (500, 375)), (500, (500, 375)), (501, (1000, 750)), (1000, (1000, 750))):
+        reduced = decode_reduced(data, MAX_PIXELS, min_long_side)
+        assert reduced.pixels.shape == (*shape, 3) and (reduced.width, reduced.height) == (1500, 2000), min_long_side
+        # The same photo as the whole decoding, resized: libjpeg's scaled inverse DCT low-passes it as it goes.
+        resized = np.asarray(Image.fromarray(whole).resize(shape[::-1], Image.BOX))
+        assert np.abs(resized.astype(int) - reduced.pixels).mean() < 2.0
+    assert decode_reduced(data, MAX_PIXELS, 1001).pixels.shape == whole.shape  # under twice 1001: whole
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side, turned by EXIF: 2000x1500 as shown
+    turned = decode_reduced(big_photo((1500, 2000), exif=exif), MAX_PIXELS, 448)
+    assert turned.pixels.shape == (375, 500, 3) and (turned.width, turned.height) == (2000, 1500)
+
+
+def test_only_jpegs_are_reduced_and_small_ones_are_decoded_as_decode_does():
+    png = encode(photo(size=(1500, 2000)), "PNG")
+    assert decode_reduced(png, MAX_PIXELS, 448).pixels.shape == (2000, 1500, 3)
+    small = (SAMPLE / "queries" / "10128.jpg").read_bytes()  # 224 px: under twice 448
+    reduced = decode_reduced(small, MAX_PIXELS, 448)
+    assert np.array_equal(reduced.pixels, decode(small, MAX_PIXELS)) and (reduced.width, reduced.height) == (224, 224)
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_good_files_decode_reduced_to_rgb_of_their_own_size(name):
+    data, shape, _ = GOOD[name]  # 64x48 and the like: JPEGs reduced to half with a long side of 32 allowed
+    reduced = decode_reduced(data, MAX_PIXELS, 32)
+    assert (reduced.height, reduced.width) == shape and reduced.pixels.dtype == np.uint8
+    assert reduced.pixels.shape[:2] in (shape, tuple(-(-side // 2) for side in shape))
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_files_are_refused_by_decode_reduced_with_the_same_reason(name):
+    data, code, words = BAD[name]
+    with pytest.raises(ImageRejected) as caught:
+        decode_reduced(data, MAX_PIXELS, 32)  # a long side of 32 allowed: the JPEGs take the reduced path
+    assert caught.value.code == code and words in caught.value.message, caught.value.message
+
+
+def test_a_large_truncated_jpeg_is_refused_on_the_reduced_path():
+    data = big_photo((1500, 2000))
+    with pytest.raises(ImageRejected) as caught:
+        decode_reduced(data[:len(data) // 2], MAX_PIXELS, 448)
+    assert caught.value.code == "truncated"
+
+
+def test_a_box_in_reduced_pixels_maps_to_the_uploads_pixels():
+    reduced = Decoded(np.zeros((500, 375, 3), np.uint8), width=1500, height=2000)
+    assert reduced.to_upload(Box(x=10, y=20, w=100, h=200)) == Box(x=40, y=80, w=400, h=800)
+    assert reduced.to_upload(Box(x=0, y=0, w=375, h=500)) == Box(x=0, y=0, w=1500, h=2000)
+    odd = Decoded(np.zeros((250, 188, 3), np.uint8), width=1500, height=2000)  # 1/8, sides rounded up
+    assert odd.to_upload(Box(x=0, y=0, w=188, h=250)) == Box(x=0, y=0, w=1500, h=2000)  # clipped to the upload
+    assert odd.to_upload(Box(x=1, y=1, w=1, h=1)) == Box(x=7, y=8, w=9, h=8)  # outward to whole pixels (x 7.98-15.96)

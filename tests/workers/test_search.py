@@ -3,12 +3,14 @@ filters, category and exclusions are exact; crop, image URLs and "more like this
 
 from __future__ import annotations
 
+import io
 import threading
 from collections import Counter
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from PIL import Image
 
 from ops.publish import read_catalog
 from schemas.api import Box, Category, Filters, YearRange
@@ -123,6 +125,24 @@ def test_a_crop_is_searched_and_reported(runtime, indexed):
     outside = run(runtime, photo(query_id), crop=Box(x=width - 10, y=0, w=20, h=20))
     assert outside["status"] == "failed" and outside["error"]["code"] == "crop_outside_image"
     assert f"{width}x{height} px" in outside["error"]["message"]
+
+
+def test_a_phone_sized_photo_is_decoded_reduced_and_its_box_is_in_the_uploads_pixels(runtime, indexed):
+    """A catalog photo scaled up to a phone photo's 1800-odd px: the worker decodes it at 1/4
+    (workers.decode.decode_reduced), finds the same product and reports the box scaled up as much."""
+    query_id = next(iter(indexed))
+    pixels = decode(photo(query_id), 1 << 24)
+    height, width = pixels.shape[:2]
+    times = 1800 // max(height, width)
+    out = io.BytesIO()
+    Image.fromarray(pixels).resize((width * times, height * times), Image.BICUBIC).save(out, "JPEG", quality=92)
+    small, big = run(runtime, photo(query_id)), run(runtime, out.getvalue())
+    assert big["status"] == "done", big
+    assert big["result"]["products"][0]["product_id"] == small["result"]["products"][0]["product_id"] == query_id
+    box, expected = big["result"]["box"], {key: times * value for key, value in small["result"]["box"].items()}
+    slack = 2 * max(height, width) * times // 128  # 2 px of the segmentation's 128-px mask
+    assert all(abs(box[key] - expected[key]) <= slack for key in box), (box, expected)
+    assert box["x"] + box["w"] <= width * times and box["y"] + box["h"] <= height * times
 
 
 def test_more_like_this_excludes_the_product(runtime, indexed):
