@@ -23,6 +23,10 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   ``--min-jobs`` a row); the workers take turns within each round (:func:`celery_rows`); jobs/s
   (median of the rounds), its ratio to no batching (paired within each round, then the median)
   and latency p50/p95 (the jobs' own created-to-done times, over all rounds);
+- *large uploads*: the steps before the model for photos of a phone's size (:data:`UPLOAD_SIZES`,
+  catalog photos scaled up with noise, :func:`phone_photos`), decoded whole against decoded
+  reduced as the worker does (:func:`workers.decode.decode_reduced`), and how close each
+  embedding comes to that of the catalog photo it was made from (:func:`upload_rows`);
 - *search per job at catalog scale*: the worker's sharded index (``LOOKALIKE_PARTITIONS`` exact
   shards) holding as many random unit vectors as Fashion Product Images has photos; a
   micro-batch of N unfiltered jobs searched as the worker does (one search of the N, which gives
@@ -34,6 +38,7 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
 from __future__ import annotations
 
 import functools
+import io
 import math
 import statistics
 import tarfile
@@ -241,6 +246,97 @@ def search_rows(batches: list[int], reps: int, catalog: int = CATALOG_VECTORS, s
         row = SearchRow(n, statistics.median(batched), statistics.median(per_job))
         say(f"  {n} job(s): {row.batched_ms:.1f} ms a job with one search of the batch, {row.per_job_ms:.1f} "
             f"with one search per job ({catalog} vectors, {settings.model_threads()} thread(s))")
+        rows.append(row)
+    return rows
+
+
+UPLOAD_STAGES = ("decode", "segment and crop", "letterbox and normalise")  # before the model, one photo
+UPLOAD_SIZES = [(1080, 1440), (3024, 4032)]  # width, height: a web upload's 1.5 MP and a phone's 12 MP
+
+
+@dataclass
+class UploadRow:
+    size: tuple[int, int]  # width, height of the upload
+    kib: float  # mean file size
+    whole_ms: dict[str, float]  # UPLOAD_STAGES -> ms a photo, decoded whole (median of the reps)
+    reduced_ms: dict[str, float]  # the same, decoded reduced as the worker does (decode_reduced)
+    decoded: tuple[int, int]  # width, height of the reduced decoding
+    cosine: dict[str, float]  # "whole", "reduced" -> median cosine to the vector of the photo it was made from
+
+    @property
+    def ratio(self) -> float:
+        """The steps before the model, whole over reduced."""
+        return sum(self.whole_ms.values()) / sum(self.reduced_ms.values())
+
+
+def phone_photos(originals: list[bytes], size: tuple[int, int], noise: float = 8.0) -> list[bytes]:
+    """Catalog photos scaled up to ``size`` (bicubic) with Gaussian noise of ``noise`` levels, as
+    JPEG quality 90: uploads of a phone's size (2-3 MB at 12 MP, as phones' own JPEGs are), from
+    the data at hand, which holds no large photos."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for data in originals:
+        image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.BICUBIC), np.float32)
+        noisy = np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(noisy).save(buffer, "JPEG", quality=90)
+        out.append(buffer.getvalue())
+    return out
+
+
+def upload_rows(sizes: list[tuple[int, int]], reps: int, say=print) -> list[UploadRow]:
+    """The steps before the model for one large upload (:func:`phone_photos`), one thread: decoded
+    whole (:func:`workers.decode.decode`) against decoded reduced as the worker does for a whole
+    photo (:func:`workers.decode.decode_reduced`, ``DECODE_MIN_PX``), the two in turn within each
+    rep; and how close each one's embedding comes to that of the 224-px catalog photo it was made
+    from (decoded, segmented and embedded as the worker does)."""
+    from schemas.settings import WorkerSettings
+    from workers.decode import decode, decode_reduced
+    from workers.embed import DECODE_MIN_PX, Embedder
+    from workers.segment import Segmenter
+
+    settings = WorkerSettings()
+    embedder = Embedder.from_settings(settings, max_batch=1)
+    embedder.load()
+    segmenter = Segmenter(embedder.device)
+    ways = {"whole": lambda data: decode(data, settings.max_pixels),
+            "reduced": lambda data: decode_reduced(data, settings.max_pixels, DECODE_MIN_PX).pixels}
+    rows = []
+    originals = photos(8)
+    own = embedder.embed([crop for crop, _ in segmenter.crop_all([decode(data, settings.max_pixels)
+                                                                 for data in originals])])
+    for size in sizes:
+        files = phone_photos(originals, size)
+        took = {way: [] for way in ways}
+        crops = {}
+        for _ in range(reps + 1):  # the first a warm-up
+            for way, decoder in ways.items():
+                stages = [0.0] * len(UPLOAD_STAGES)
+                for i, data in enumerate(files):
+                    clock = [time.perf_counter()]
+                    pixels = decoder(data)
+                    clock.append(time.perf_counter())
+                    crops[way, i] = segmenter.crop_all([pixels])[0][0]
+                    clock.append(time.perf_counter())
+                    embedder.prepare([crops[way, i]])
+                    clock.append(time.perf_counter())
+                    for stage in range(len(UPLOAD_STAGES)):
+                        stages[stage] += (clock[stage + 1] - clock[stage]) * 1000 / len(files)
+                took[way].append(stages)
+        cosine = {way: float(np.median(np.sum(own * embedder.embed([crops[way, i] for i in range(len(files))]),
+                                              axis=1))) for way in ways}
+        ms = {way: {name: statistics.median(rep[stage] for rep in took[way][1:])
+                    for stage, name in enumerate(UPLOAD_STAGES)} for way in ways}
+        reduced = ways["reduced"](files[0])
+        row = UploadRow(size, sum(map(len, files)) / len(files) / 1024, ms["whole"], ms["reduced"],
+                        (reduced.shape[1], reduced.shape[0]), cosine)
+        say(f"  {size[0]}x{size[1]} ({row.kib:.0f} KiB): ms a photo before the model, whole "
+            + ", ".join(f"{k} {v:.1f}" for k, v in row.whole_ms.items()) + f"; reduced to {row.decoded[0]}x"
+            + f"{row.decoded[1]} " + ", ".join(f"{k} {v:.1f}" for k, v in row.reduced_ms.items())
+            + f"; {row.ratio:.2f}x; cosine to the catalog photo's vector, median, whole {cosine['whole']:.4f}, "
+            + f"reduced {cosine['reduced']:.4f}")
         rows.append(row)
     return rows
 

@@ -411,9 +411,10 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
                          "many (default: as many as Fashion Product Images has photos, 44,446; 0: the "
                          "sample alone).")) -> None:
     """Raw model forward vs the whole pipeline at batch 1/8/32 (and 128 on CUDA), and the pipeline's
-    stages; jobs/s and latency through Celery with and without micro-batching at 1, 4 and 16
-    submitters, over a catalog of Fashion Product Images' size. Started again with jemalloc preloaded
-    when it is installed and ``LD_PRELOAD`` is not set, as the workers are (``LD_PRELOAD=`` keeps glibc)."""
+    stages; large uploads decoded whole and reduced; jobs/s and latency through Celery with and
+    without micro-batching at 1, 4 and 16 submitters, over a catalog of Fashion Product Images'
+    size. Started again with jemalloc preloaded when it is installed and ``LD_PRELOAD`` is not set,
+    as the workers are (``LD_PRELOAD=`` keeps glibc)."""
     import shutil
 
     from ops.stack import rerun_with_jemalloc
@@ -430,6 +431,8 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
     batches = [1, 8, 32] + ([128] if torch.cuda.is_available() else [])
     console.print(f"raw forward vs pipeline, batches {batches}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}")
     device, forward = bench.forward_rows(batches, reps, say=console.print)
+    console.print("large uploads, decoded whole and reduced ...")
+    uploads = bench.upload_rows(bench.UPLOAD_SIZES, reps, say=console.print)
     console.print("search per job at catalog scale ...")
     searches = bench.search_rows([1, *job_batch], reps, say=console.print)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -476,6 +479,15 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
     for row in forward:
         table.add_row(str(row.batch), *(f"{ms:.2f}" for ms in row.stages_ms.values()), f"{row.steps_ms:.2f}",
                       f"{row.model_ms:.2f}", f"{row.allowed_ms:.2f}")
+    console.print(table)
+    table = Table(title=f"large uploads, one thread, ms a photo before the model, whole / reduced: {where}")
+    for column in ("upload", "decoded reduced to", *bench.UPLOAD_STAGES, "whole / reduced",
+                   "cosine to the catalog photo, whole / reduced"):
+        table.add_column(column)
+    for row in uploads:
+        table.add_row(f"{row.size[0]}x{row.size[1]}, {row.kib:.0f} KiB", f"{row.decoded[0]}x{row.decoded[1]}",
+                      *(f"{row.whole_ms[name]:.1f} / {row.reduced_ms[name]:.1f}" for name in bench.UPLOAD_STAGES),
+                      f"{row.ratio:.2f}x", f"{row.cosine['whole']:.4f} / {row.cosine['reduced']:.4f}")
     console.print(table)
     table = Table(title=f"search ms per job, {bench.CATALOG_VECTORS:,} vectors, k 10: {where}")
     for column in ("jobs in the micro-batch", "one search of the batch", "one search per job", "ratio"):

@@ -33,8 +33,9 @@ def photos(directory: Path) -> list[Path]:
 
 def pipeline(paths: list[Path], embedder: Embedder, classify: Callable[[np.ndarray, list[int]], list[dict]] | None,
              segment: bool = True, threads: int = 2, chunk: int = 256) -> tuple[np.ndarray, list[dict]]:
-    """Decode (in a thread pool, ``chunk`` photos at a time), segment (unless ``segment`` is False),
-    embed and classify, as the worker does.
+    """Decode (reduced as the worker does, :func:`workers.decode.decode_reduced`, in a thread pool,
+    ``chunk`` photos at a time), segment (unless ``segment`` is False), embed and classify, as the
+    worker does.
 
     Args:
         classify: (float32 (n, 1280) vectors, their n product ids) -> n predictions (as
