@@ -100,27 +100,41 @@ class Decoded:
     def to_upload(self, box: Box) -> Box:
         """``box`` in pixels of ``pixels`` -> the box of the upload that holds the same part: edges
         scaled by the upload's size over the decoded size, outward to whole pixels."""
-        sx, sy = self.width / self.pixels.shape[1], self.height / self.pixels.shape[0]
-        x0, y0 = math.floor(box.x * sx), math.floor(box.y * sy)
-        x1, y1 = min(self.width, math.ceil((box.x + box.w) * sx)), min(self.height, math.ceil((box.y + box.h) * sy))
-        return Box(x=x0, y=y0, w=x1 - x0, h=y1 - y0)
+        return _scaled(box, self.width / self.pixels.shape[1], self.height / self.pixels.shape[0],
+                       self.width, self.height)
+
+    def from_upload(self, box: Box) -> Box:
+        """``box`` in pixels of the upload (inside it) -> in pixels of ``pixels``: the inverse of
+        :meth:`to_upload`, outward to whole pixels."""
+        height, width = self.pixels.shape[:2]
+        return _scaled(box, width / self.width, height / self.height, width, height)
 
 
-def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: int | None = None) -> Decoded:
-    """:func:`decode`, but a JPEG whose long side is at least twice ``min_long_side`` is decoded at
-    1/2, 1/4 or 1/8 of its size, the smallest whose long side is still ``min_long_side`` or more:
-    libjpeg-turbo's scaled inverse DCT (:meth:`PIL.Image.Image.draft`), which skips most of the
-    decoding work and low-passes the image as it goes. The worker, the indexer and ``lookalike eval``
-    use it for whole photos with ``min_long_side`` twice the model's input (``DECODE_MIN_PX``), so
-    a product that spans half of the photo's long side still reaches the model at 224 px or more.
-    A 3024x4032 photo of 2.4 MB then decodes at 1/8 (378x504) in 32 against 48 ms whole, and is
+def _scaled(box: Box, sx: float, sy: float, width: int, height: int) -> Box:
+    """``box`` with its edges times ``sx`` and ``sy``, outward to whole pixels, within ``width`` x ``height``."""
+    x0, y0 = math.floor(box.x * sx), math.floor(box.y * sy)
+    x1, y1 = min(width, math.ceil((box.x + box.w) * sx)), min(height, math.ceil((box.y + box.h) * sy))
+    return Box(x=x0, y=y0, w=x1 - x0, h=y1 - y0)
+
+
+def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: int | None = None,
+                   region: Box | None = None) -> Decoded:
+    """:func:`decode`, but a JPEG whose long side (or ``region``'s) is at least twice
+    ``min_long_side`` is decoded at 1/2, 1/4 or 1/8 of its size, the smallest that keeps that long
+    side at ``min_long_side`` or more: libjpeg-turbo's scaled inverse DCT
+    (:meth:`PIL.Image.Image.draft`), which skips most of the decoding work and low-passes the image
+    as it goes. The worker, the indexer and ``lookalike eval`` use it with ``min_long_side`` twice
+    the model's input (``DECODE_MIN_PX``), so a product that spans half of the photo's long side
+    (or of a caller's crop box) still reaches the model at 224 px or more. A 3024x4032 photo of 2.4 MB then decodes at 1/8 (378x504) in 32 against 48 ms whole, and is
     segmented and cropped in 2.7 against 54 ms (``lookalike bench embed``, one thread, AVX-512 AMD
     VM); on the 953 validation photos scaled up 6x and 12x the search and category figures are
     those of the whole decoding (README, "Large photos").
 
     Args:
         data, max_pixels, max_bytes: As :func:`decode`; the limits apply to the upload's own size.
-        min_long_side: Smallest long side, in pixels, that the decoded image may have.
+        min_long_side: Smallest long side, in pixels, that the decoded image (or region) may have.
+        region: The part of the photo that will be used (a caller's crop box, in pixels of the
+            upload, EXIF orientation applied), or None for all of it.
 
     Returns:
         The pixels and the upload's size (:class:`Decoded`); other formats, and JPEGs under twice
@@ -132,7 +146,7 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
     with _reasons(data):
         image = _open(data, max_pixels, max_bytes)
         stored = image.size
-        long_side = max(stored)
+        long_side = max(stored) if region is None else max(region.w, region.h)
         if image.format == "JPEG" and long_side >= 2 * min_long_side:
             image.draft("RGB", tuple(math.ceil(side * min_long_side / long_side) for side in stored))
         width, height = stored[::-1] if _orientation(image) in (5, 6, 7, 8) else stored  # EXIF turns it

@@ -30,7 +30,7 @@ from schemas.settings import WorkerSettings
 from schemas.tasks import QUEUE_VISION, TASK_EMBED, TASK_SEARCH, EmbedTask, SearchTask, transport_options
 from workers import catalog, gpu, metrics
 from workers.classify import DEFAULT_DIR, KNN_K, LEVELS, CategoryHeads, Neighbours, auto_category
-from workers.decode import Decoded, decode, decode_reduced
+from workers.decode import Decoded, decode_reduced
 from workers.embed import DECODE_MIN_PX, Embedder
 from workers.errors import CropRejected, InvalidInput, UploadExpired
 from workers.fetch import Fetcher
@@ -169,12 +169,9 @@ class Runtime:
         if self.decode_on_device:
             job.data = data
             return
-        with _timed(job.timings, "decode"):
-            if job.task.crop is None:  # the whole photo, or the product in it: decoded no larger than needed
-                job.decoded = decode_reduced(data, self.settings.max_pixels, DECODE_MIN_PX)
-                job.pixels = job.decoded.pixels
-            else:  # a caller's box, in pixels of the upload
-                job.pixels = decode(data, self.settings.max_pixels)
+        with _timed(job.timings, "decode"):  # no larger than the product, or the caller's box, needs
+            job.decoded = decode_reduced(data, self.settings.max_pixels, DECODE_MIN_PX, region=job.task.crop)
+            job.pixels = job.decoded.pixels
         self._crop(job)
 
     def _decode(self, jobs: list[Job]) -> None:
@@ -189,12 +186,11 @@ class Runtime:
 
     def _crop(self, job: Job) -> None:
         if job.task.crop is not None or self.segmenter is None:  # a caller's crop box wins over segmentation
-            job.pixels, box = crop(job.pixels, job.task.crop)
-            job.box = job.upload_box(box)
+            job.pixels, job.box = crop(job.pixels, job.task.crop, job.decoded)
 
     def _segment(self, jobs: list[Job]) -> None:
         for job, (pixels, box) in zip(jobs, self.segmenter.crop_all([job.pixels for job in jobs])):
-            job.pixels, job.box = pixels, job.upload_box(box)
+            job.pixels, job.box = pixels, box if job.decoded is None else job.decoded.to_upload(box)
 
     def _embed(self, jobs: list[Job]) -> None:
         for job, vector in zip(jobs, self.embedder.embed([job.pixels for job in jobs])):
@@ -333,7 +329,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     data: bytes | None = None  # the image file, while it waits for decoding on the device
     pixels: np.ndarray | torch.Tensor | None = None  # uint8 (H, W, 3) RGB: decoded, then cropped
-    decoded: Decoded | None = None  # decoded at a reduced size (decode_reduced): the upload's size
+    decoded: Decoded | None = None  # as decode_reduced gave it, for the boxes (None: decoded whole on the device)
     box: Box | None = None  # the part of the upload that was embedded, in pixels of the upload
     vector: np.ndarray | None = None  # float32 (1, 1280), L2-normalised
     predicted: dict = field(default_factory=dict)  # level -> [(label, prob)], of CategoryHeads.predict
@@ -347,10 +343,6 @@ class Job:
     @property
     def live(self) -> bool:
         return not self.ended and self.retry is None
-
-    def upload_box(self, box: Box) -> Box:
-        """A box in pixels of the decoded image -> in pixels of the upload."""
-        return box if self.decoded is None else self.decoded.to_upload(box)
 
 
 def _excluded(task: SearchTask) -> np.ndarray:
@@ -366,26 +358,30 @@ def _outcome(step, arg) -> BaseException | None:
     return None
 
 
-def crop(pixels: np.ndarray | torch.Tensor, box: Box | None) -> tuple[np.ndarray | torch.Tensor, Box]:
+def crop(pixels: np.ndarray | torch.Tensor, box: Box | None, decoded: Decoded | None = None
+         ) -> tuple[np.ndarray | torch.Tensor, Box]:
     """The part of ``pixels`` inside ``box`` (the whole image when None).
 
     Args:
         pixels: uint8 (H, W, 3) RGB, as decoded (an array, or a tensor on the model's device).
-        box: In pixels of ``pixels``.
+        box: In pixels of the upload.
+        decoded: How ``pixels`` were decoded from the upload when reduced (:func:`decode_reduced`);
+            None: ``pixels`` are the upload's own.
 
     Returns:
-        uint8 (h, w, 3) RGB, and the box used.
+        uint8 (h, w, 3) RGB, and the box used, in pixels of the upload.
 
     Raises:
         CropRejected: the box does not lie inside the image.
     """
-    height, width = pixels.shape[:2]
+    height, width = pixels.shape[:2] if decoded is None else (decoded.height, decoded.width)
     if box is None:
         return pixels, Box(x=0, y=0, w=width, h=height)
     if box.x + box.w > width or box.y + box.h > height:
         raise CropRejected(f"the crop box x={box.x} y={box.y} w={box.w} h={box.h} reaches past the image, which is "
                            f"{width}x{height} px (after EXIF rotation); keep x+w <= {width} and y+h <= {height}")
-    return pixels[box.y:box.y + box.h, box.x:box.x + box.w], box
+    inner = box if decoded is None else decoded.from_upload(box)
+    return pixels[inner.y:inner.y + inner.h, inner.x:inner.x + inner.w], box
 
 
 class _timed:

@@ -218,6 +218,16 @@ def test_a_large_jpeg_is_decoded_reduced_but_not_below_the_long_side_asked():
     assert turned.pixels.shape == (375, 500, 3) and (turned.width, turned.height) == (2000, 1500)
 
 
+def test_a_region_keeps_its_own_long_side_when_reduced():
+    data = big_photo((1500, 2000))  # whole, it would be decoded at 1/4 (375x500)
+    for region, shape in ((Box(x=0, y=0, w=600, h=800), (2000, 1500)), (Box(x=100, y=900, w=1000, h=1000), (1000, 750)),
+                          (Box(x=0, y=0, w=1500, h=2000), (500, 375))):
+        reduced = decode_reduced(data, MAX_PIXELS, 448, region=region)
+        assert reduced.pixels.shape == (*shape, 3) and (reduced.width, reduced.height) == (1500, 2000), region
+        inner = reduced.from_upload(region)
+        assert max(inner.w, inner.h) >= 448 and reduced.to_upload(inner) == region
+
+
 def test_only_jpegs_are_reduced_and_small_ones_are_decoded_as_decode_does():
     png = encode(photo(size=(1500, 2000)), "PNG")
     assert decode_reduced(png, MAX_PIXELS, 448).pixels.shape == (2000, 1500, 3)
@@ -256,3 +266,6 @@ def test_a_box_in_reduced_pixels_maps_to_the_uploads_pixels():
     odd = Decoded(np.zeros((250, 188, 3), np.uint8), width=1500, height=2000)  # 1/8, sides rounded up
     assert odd.to_upload(Box(x=0, y=0, w=188, h=250)) == Box(x=0, y=0, w=1500, h=2000)  # clipped to the upload
     assert odd.to_upload(Box(x=1, y=1, w=1, h=1)) == Box(x=7, y=8, w=9, h=8)  # outward to whole pixels (x 7.98-15.96)
+    assert reduced.from_upload(Box(x=40, y=80, w=400, h=800)) == Box(x=10, y=20, w=100, h=200)
+    assert reduced.from_upload(Box(x=1, y=1, w=1, h=1)) == Box(x=0, y=0, w=1, h=1)  # outward: x 0.25-0.5
+    assert odd.from_upload(Box(x=0, y=0, w=1500, h=2000)) == Box(x=0, y=0, w=188, h=250)

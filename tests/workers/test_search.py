@@ -21,7 +21,8 @@ from schemas.tasks import EmbedTask, SearchTask
 from tests.conftest import SAMPLE, serve_photos
 from workers import catalog
 from workers.catalog import Upsert
-from workers.decode import decode
+from workers.decode import decode, decode_reduced
+from workers.embed import DECODE_MIN_PX
 from workers.fetch import Fetcher
 from workers.indexer import thumbnail
 from workers.segment import Segmenter
@@ -63,10 +64,13 @@ def runtime(settings, embedder, indexed):
     rt.engine.dispose()
 
 
-def run(rt: Runtime, image: bytes | None = None, **options) -> dict:
+def run(rt: Runtime, image: bytes | None = None, task=SearchTask, **options) -> dict:
     job_id = new_job_id()
     rt.store.create(job_id, image)
-    rt.search(SearchTask(job_id=job_id, **{"k": 5, **options}))
+    if task is SearchTask:
+        rt.search(SearchTask(job_id=job_id, **{"k": 5, **options}))
+    else:
+        rt.embed(EmbedTask(job_id=job_id, **options))
     return rt.store.get(job_id).model_dump(mode="json")
 
 
@@ -143,6 +147,27 @@ def test_a_phone_sized_photo_is_decoded_reduced_and_its_box_is_in_the_uploads_pi
     slack = 2 * max(height, width) * times // 128  # 2 px of the segmentation's 128-px mask
     assert all(abs(box[key] - expected[key]) <= slack for key in box), (box, expected)
     assert box["x"] + box["w"] <= width * times and box["y"] + box["h"] <= height * times
+
+
+def test_a_crop_of_a_phone_sized_photo_is_decoded_reduced_and_cut_where_the_box_says(runtime, indexed):
+    """A caller's box on a catalog photo scaled up to 1800-odd px: decoded at 1/2 (the box keeps a
+    long side of 448 px or more), cut at the box scaled into the decoded pixels, and embedded as the
+    same box of the small photo is; the result reports the caller's box."""
+    query_id = list(indexed)[1]
+    pixels = decode(photo(query_id), 1 << 24)
+    height, width = pixels.shape[:2]
+    times = 1800 // max(height, width)
+    out = io.BytesIO()
+    Image.fromarray(pixels).resize((width * times, height * times), Image.BICUBIC).save(out, "JPEG", quality=92)
+    box = Box(x=width // 4, y=height // 4, w=width - width // 4, h=height - height // 4)  # off-centre: 3/4 a side
+    big_box = Box(x=box.x * times, y=box.y * times, w=box.w * times, h=box.h * times)
+    assert decode_reduced(out.getvalue(), 1 << 24, DECODE_MIN_PX, region=big_box).pixels.shape[0] < height * times
+    small, big = run(runtime, photo(query_id), crop=box, task=EmbedTask), run(runtime, out.getvalue(), crop=big_box,
+                                                                            task=EmbedTask)
+    assert big["status"] == "done" and big["result"]["box"] == big_box.model_dump(), big
+    cosine = float(np.dot(small["result"]["vector"], big["result"]["vector"]))
+    whole = run(runtime, photo(query_id), task=EmbedTask)  # the whole photo: a different part
+    assert cosine >= 0.95 and cosine > float(np.dot(whole["result"]["vector"], big["result"]["vector"])) + 0.02, cosine
 
 
 def test_more_like_this_excludes_the_product(runtime, indexed):
