@@ -89,7 +89,7 @@ class Decoded:
 
     Attributes:
         pixels: uint8 (h, w, 3) RGB, EXIF orientation applied.
-        width: The upload's width in pixels, EXIF orientation applied (``w`` when not reduced).
+        width: The upload's width in pixels, EXIF orientation applied (the pixels' own when not reduced).
         height: The upload's height in pixels, likewise.
     """
 
@@ -125,10 +125,11 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
     (:meth:`PIL.Image.Image.draft`), which skips most of the decoding work and low-passes the image
     as it goes. The worker, the indexer and ``lookalike eval`` use it with ``min_long_side`` twice
     the model's input (``DECODE_MIN_PX``), so a product that spans half of the photo's long side
-    (or of a caller's crop box) still reaches the model at 224 px or more. A 3024x4032 photo of 2.4 MB then decodes at 1/8 (378x504) in 32 against 48 ms whole, and is
-    segmented and cropped in 2.7 against 54 ms (``lookalike bench embed``, one thread, AVX-512 AMD
-    VM); on the 953 validation photos scaled up 6x and 12x the search and category figures are
-    those of the whole decoding (README, "Large photos").
+    (or of a caller's crop box) still reaches the model at 224 px or more. A 3024x4032 photo of 2.4
+    MB then decodes at 1/8 (378x504) in 32 against 48 ms whole, and is segmented and cropped in 2.7
+    against 54 ms (``lookalike bench embed``, one thread, AVX-512 AMD VM); on the 953 validation
+    photos scaled up 6x and 12x the search and category figures are those of the whole decoding
+    (README, "Large photos").
 
     Args:
         data, max_pixels, max_bytes: As :func:`decode`; the limits apply to the upload's own size.

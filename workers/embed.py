@@ -23,8 +23,8 @@ from workers import gpu, metrics
 log = logging.getLogger(__name__)
 
 INPUT_PX = 224
-# Whole photos are decoded down to no less than this long side (workers.decode.decode_reduced): a
-# product that spans half of it still fills the model's input.
+# Photos are decoded down to no less than this long side, or a caller's crop box's
+# (workers.decode.decode_reduced): a product that spans half of it still fills the model's input.
 DECODE_MIN_PX = 2 * INPUT_PX
 DIM = 1280
 CUDA_BATCH = 128  # images per forward pass on CUDA when not set (LOOKALIKE_EMBED_BATCH=0)
