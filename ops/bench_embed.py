@@ -295,7 +295,7 @@ def upload_rows(sizes: list[tuple[int, int]], reps: int, say=print) -> list[Uplo
     from schemas.settings import WorkerSettings
     from workers.decode import decode, decode_reduced
     from workers.embed import DECODE_MIN_PX, Embedder
-    from workers.segment import Segmenter
+    from workers.segment import Segmenter, segmented
 
     settings = WorkerSettings()
     embedder = Embedder.from_settings(settings, max_batch=1)
@@ -305,8 +305,7 @@ def upload_rows(sizes: list[tuple[int, int]], reps: int, say=print) -> list[Uplo
             "reduced": lambda data: decode_reduced(data, settings.max_pixels, DECODE_MIN_PX).pixels}
     rows = []
     originals = photos(8)
-    own = embedder.embed([crop for crop, _ in segmenter.crop_all([decode(data, settings.max_pixels)
-                                                                 for data in originals])])
+    own = segmented(embedder.embed, segmenter)([decode(data, settings.max_pixels) for data in originals])
     for size in sizes:
         files = phone_photos(originals, size)
         took = {way: [] for way in ways}

@@ -80,20 +80,22 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.nda
             names the value and what to send instead.
     """
     with _reasons(data):
-        return _pixels(_open(data, max_pixels, max_bytes), data, whole=True)
+        image = _open(data, max_pixels, max_bytes)
+        return _pixels(image, data, _orientation(image), whole=True)
 
 
 @dataclass(frozen=True)
 class Decoded:
-    """A photo decoded by :func:`decode_reduced`, maybe at a fraction of its size.
+    """A photo decoded by :func:`decode_reduced`, maybe at a fraction of its size (or whole on the
+    model's device, :func:`workers.gpu.decode_on`).
 
     Attributes:
-        pixels: uint8 (h, w, 3) RGB, EXIF orientation applied.
+        pixels: uint8 (h, w, 3) RGB, EXIF orientation applied: an array, or a tensor on the device.
         width: The upload's width in pixels, EXIF orientation applied (the pixels' own when not reduced).
         height: The upload's height in pixels, likewise.
     """
 
-    pixels: np.ndarray
+    pixels: np.ndarray | torch.Tensor
     width: int
     height: int
 
@@ -150,14 +152,16 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
         long_side = max(stored) if region is None else max(region.w, region.h)
         if image.format == "JPEG" and long_side >= 2 * min_long_side:
             image.draft("RGB", tuple(math.ceil(side * min_long_side / long_side) for side in stored))
-        width, height = stored[::-1] if _orientation(image) in (5, 6, 7, 8) else stored  # EXIF turns it
-        return Decoded(_pixels(image, data, whole=image.size == stored), width, height)
+        orientation = _orientation(image)
+        width, height = stored[::-1] if orientation in (5, 6, 7, 8) else stored  # EXIF turns it
+        return Decoded(_pixels(image, data, orientation, whole=image.size == stored), width, height)
 
 
-def _pixels(image: Image.Image, data: bytes, whole: bool) -> np.ndarray:
-    """The pixels of an image :func:`_open` gave, ``whole`` or reduced by its ``draft``: uint8 (H, W, 3) RGB."""
+def _pixels(image: Image.Image, data: bytes, orientation: int, whole: bool) -> np.ndarray:
+    """The pixels of an image :func:`_open` gave, ``whole`` or reduced by its ``draft``, turned by its
+    EXIF ``orientation``: uint8 (H, W, 3) RGB."""
     if whole and plain_jpeg(image.format, image.mode, data):
-        pixels = decode_jpegs([data], [_orientation(image)], torch.device("cpu"))
+        pixels = decode_jpegs([data], [orientation], torch.device("cpu"))
         if pixels is not None:  # else corrupt: Pillow, below, says why
             return np.ascontiguousarray(pixels[0].numpy())
     image.load()  # the first frame or page only

@@ -179,6 +179,7 @@ class Runtime:
         todo = [job for job in jobs if job.pixels is None]  # redone job by job after a failure: skip the done
         for job, pixels in zip(todo, gpu.decode_on(self.embedder.device, [job.data for job in todo],
                                                self.settings.max_pixels)):
+            job.decoded = Decoded(pixels, width=pixels.shape[1], height=pixels.shape[0])  # whole
             job.pixels, job.data = pixels, None
         for job in jobs:
             if job.box is None:  # not cropped yet (the batch may be redone job by job after a bad crop box)
@@ -186,11 +187,11 @@ class Runtime:
 
     def _crop(self, job: Job) -> None:
         if job.task.crop is not None or self.segmenter is None:  # a caller's crop box wins over segmentation
-            job.pixels, job.box = crop(job.pixels, job.task.crop, job.decoded)
+            job.pixels, job.box = crop(job.decoded, job.task.crop)
 
     def _segment(self, jobs: list[Job]) -> None:
         for job, (pixels, box) in zip(jobs, self.segmenter.crop_all([job.pixels for job in jobs])):
-            job.pixels, job.box = pixels, box if job.decoded is None else job.decoded.to_upload(box)
+            job.pixels, job.box = pixels, job.decoded.to_upload(box)
 
     def _embed(self, jobs: list[Job]) -> None:
         for job, vector in zip(jobs, self.embedder.embed([job.pixels for job in jobs])):
@@ -329,7 +330,7 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     data: bytes | None = None  # the image file, while it waits for decoding on the device
     pixels: np.ndarray | torch.Tensor | None = None  # uint8 (H, W, 3) RGB: decoded, then cropped
-    decoded: Decoded | None = None  # as decode_reduced gave it, for the boxes (None: decoded whole on the device)
+    decoded: Decoded | None = None  # the upload decoded (maybe reduced), with its size, for the boxes
     box: Box | None = None  # the part of the upload that was embedded, in pixels of the upload
     vector: np.ndarray | None = None  # float32 (1, 1280), L2-normalised
     predicted: dict = field(default_factory=dict)  # level -> [(label, prob)], of CategoryHeads.predict
@@ -358,30 +359,28 @@ def _outcome(step, arg) -> BaseException | None:
     return None
 
 
-def crop(pixels: np.ndarray | torch.Tensor, box: Box | None, decoded: Decoded | None = None
-         ) -> tuple[np.ndarray | torch.Tensor, Box]:
-    """The part of ``pixels`` inside ``box`` (the whole image when None).
+def crop(decoded: Decoded, box: Box | None) -> tuple[np.ndarray | torch.Tensor, Box]:
+    """The part of the decoded upload inside ``box`` (the whole image when None).
 
     Args:
-        pixels: uint8 (H, W, 3) RGB, as decoded (an array, or a tensor on the model's device).
+        decoded: The upload decoded, maybe reduced (:func:`decode_reduced`; on the device, whole).
         box: In pixels of the upload.
-        decoded: How ``pixels`` were decoded from the upload when reduced (:func:`decode_reduced`);
-            None: ``pixels`` are the upload's own.
 
     Returns:
-        uint8 (h, w, 3) RGB, and the box used, in pixels of the upload.
+        uint8 (h, w, 3) RGB of ``decoded.pixels`` (an array, or a tensor on the model's device), and
+        the box used, in pixels of the upload.
 
     Raises:
         CropRejected: the box does not lie inside the image.
     """
-    height, width = pixels.shape[:2] if decoded is None else (decoded.height, decoded.width)
+    width, height = decoded.width, decoded.height
     if box is None:
-        return pixels, Box(x=0, y=0, w=width, h=height)
+        return decoded.pixels, Box(x=0, y=0, w=width, h=height)
     if box.x + box.w > width or box.y + box.h > height:
         raise CropRejected(f"the crop box x={box.x} y={box.y} w={box.w} h={box.h} reaches past the image, which is "
                            f"{width}x{height} px (after EXIF rotation); keep x+w <= {width} and y+h <= {height}")
-    inner = box if decoded is None else decoded.from_upload(box)
-    return pixels[inner.y:inner.y + inner.h, inner.x:inner.x + inner.w], box
+    inner = decoded.from_upload(box)
+    return decoded.pixels[inner.y:inner.y + inner.h, inner.x:inner.x + inner.w], box
 
 
 class _timed:

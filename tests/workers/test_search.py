@@ -131,16 +131,23 @@ def test_a_crop_is_searched_and_reported(runtime, indexed):
     assert f"{width}x{height} px" in outside["error"]["message"]
 
 
-def test_a_phone_sized_photo_is_decoded_reduced_and_its_box_is_in_the_uploads_pixels(runtime, indexed):
-    """A catalog photo scaled up to a phone photo's 1800-odd px: the worker decodes it at 1/4
-    (workers.decode.decode_reduced), finds the same product and reports the box scaled up as much."""
-    query_id = next(iter(indexed))
-    pixels = decode(photo(query_id), 1 << 24)
+def scaled_up(product_id: int) -> tuple[bytes, int, int, int]:
+    """The sample photo of ``product_id`` scaled up to a phone photo's 1800-odd px (JPEG), and how
+    many times, with the small photo's height and width."""
+    pixels = decode(photo(product_id), 1 << 24)
     height, width = pixels.shape[:2]
     times = 1800 // max(height, width)
     out = io.BytesIO()
     Image.fromarray(pixels).resize((width * times, height * times), Image.BICUBIC).save(out, "JPEG", quality=92)
-    small, big = run(runtime, photo(query_id)), run(runtime, out.getvalue())
+    return out.getvalue(), times, height, width
+
+
+def test_a_phone_sized_photo_is_decoded_reduced_and_its_box_is_in_the_uploads_pixels(runtime, indexed):
+    """A catalog photo scaled up to a phone photo's 1800-odd px: the worker decodes it at 1/2
+    (workers.decode.decode_reduced), finds the same product and reports the box scaled up as much."""
+    query_id = next(iter(indexed))
+    data, times, height, width = scaled_up(query_id)
+    small, big = run(runtime, photo(query_id)), run(runtime, data)
     assert big["status"] == "done", big
     assert big["result"]["products"][0]["product_id"] == small["result"]["products"][0]["product_id"] == query_id
     box, expected = big["result"]["box"], {key: times * value for key, value in small["result"]["box"].items()}
@@ -154,15 +161,11 @@ def test_a_crop_of_a_phone_sized_photo_is_decoded_reduced_and_cut_where_the_box_
     long side of 448 px or more), cut at the box scaled into the decoded pixels, and embedded as the
     same box of the small photo is; the result reports the caller's box."""
     query_id = list(indexed)[1]
-    pixels = decode(photo(query_id), 1 << 24)
-    height, width = pixels.shape[:2]
-    times = 1800 // max(height, width)
-    out = io.BytesIO()
-    Image.fromarray(pixels).resize((width * times, height * times), Image.BICUBIC).save(out, "JPEG", quality=92)
+    data, times, height, width = scaled_up(query_id)
     box = Box(x=width // 4, y=height // 4, w=width - width // 4, h=height - height // 4)  # off-centre: 3/4 a side
     big_box = Box(x=box.x * times, y=box.y * times, w=box.w * times, h=box.h * times)
-    assert decode_reduced(out.getvalue(), 1 << 24, DECODE_MIN_PX, region=big_box).pixels.shape[0] < height * times
-    small, big = run(runtime, photo(query_id), crop=box, task=EmbedTask), run(runtime, out.getvalue(), crop=big_box,
+    assert decode_reduced(data, 1 << 24, DECODE_MIN_PX, region=big_box).pixels.shape[0] < height * times
+    small, big = run(runtime, photo(query_id), crop=box, task=EmbedTask), run(runtime, data, crop=big_box,
                                                                             task=EmbedTask)
     assert big["status"] == "done" and big["result"]["box"] == big_box.model_dump(), big
     cosine = float(np.dot(small["result"]["vector"], big["result"]["vector"]))
