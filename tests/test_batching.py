@@ -41,11 +41,13 @@ def test_jobs_submitted_together_share_micro_batches_and_a_bad_one_fails_alone(s
             results = [gateway.get(f"/v1/jobs/{job_id}").json() for job_id in job_ids]
             assert [r["status"] for r in results] == ["done"] * 4 + ["failed"] + ["done"] * 7
             assert results[4]["error"]["code"] == "truncated", results[4]
-            # The first jobs find idle threads and run at once; the rest gather while both threads are busy.
+            # A job that finds a thread idle runs at once, alone; the rest gather while both threads are
+            # busy. How many run alone depends on timing (6 micro-batches in most runs, once 9), so the
+            # test asserts that jobs shared micro-batches, not how many there were.
             batches = worker.metric("lookalike_worker_batch_jobs_count")
             assert worker.metric("lookalike_worker_batch_jobs_sum") == 12
             print(f"\n12 jobs in {batches:.0f} micro-batches")
-            assert 3 <= batches <= 8, f"12 jobs in {batches} micro-batches\n{worker.log()}"
+            assert batches < 12, f"no two of 12 jobs shared a micro-batch\n{worker.log()}"
             at_most_4 = worker.metric('lookalike_worker_batch_jobs_bucket{le="4.0"}')
             assert at_most_4 == batches, "a micro-batch held more than LOOKALIKE_JOB_BATCH_SIZE jobs"
         finally:
