@@ -23,7 +23,7 @@ Measured in one run on the current device (CUDA when present), medians of ``reps
   ``--min-jobs`` a row); the workers take turns within each round (:func:`celery_rows`); jobs/s
   (median of the rounds), its ratio to no batching (paired within each round, then the median)
   and latency p50/p95 (the jobs' own created-to-done times, over all rounds);
-- *large uploads*: the steps before the model for photos of a phone's size (:data:`UPLOAD_SIZES`,
+- *large uploads*: the steps before the model for photos of a phone's size (:data:`UPLOADS`,
   catalog photos scaled up with noise, :func:`phone_photos`), decoded whole against decoded
   reduced as the worker does (:func:`workers.decode.decode_reduced`), and how close each
   embedding comes to that of the catalog photo it was made from (:func:`upload_rows`);
@@ -251,12 +251,14 @@ def search_rows(batches: list[int], reps: int, catalog: int = CATALOG_VECTORS, s
 
 
 UPLOAD_STAGES = ("decode", "segment and crop", "letterbox and normalise")  # before the model, one photo
-UPLOAD_SIZES = [(1080, 1440), (3024, 4032)]  # width, height: a web upload's 1.5 MP and a phone's 12 MP
+# (width, height), format: a web upload's 1.5 MP, a phone's 12 MP and a phone's screenshot (2.9 MP, PNG)
+UPLOADS = [((1080, 1440), "JPEG"), ((3024, 4032), "JPEG"), ((1170, 2532), "PNG")]
 
 
 @dataclass
 class UploadRow:
     size: tuple[int, int]  # width, height of the upload
+    format: str  # JPEG or PNG
     kib: float  # mean file size
     whole_ms: dict[str, float]  # UPLOAD_STAGES -> ms a photo, decoded whole (median of the reps)
     reduced_ms: dict[str, float]  # the same, decoded reduced as the worker does (decode_reduced)
@@ -269,10 +271,10 @@ class UploadRow:
         return sum(self.whole_ms.values()) / sum(self.reduced_ms.values())
 
 
-def phone_photos(originals: list[bytes], size: tuple[int, int], noise: float = 8.0) -> list[bytes]:
+def phone_photos(originals: list[bytes], size: tuple[int, int], noise: float = 8.0, fmt: str = "JPEG") -> list[bytes]:
     """Catalog photos scaled up to ``size`` (bicubic) with Gaussian noise of ``noise`` levels, as
-    JPEG quality 90: uploads of a phone's size (2-3 MB at 12 MP, as phones' own JPEGs are), from
-    the data at hand, which holds no large photos."""
+    JPEG quality 90 (or ``fmt``, Pillow's defaults): uploads of a phone's size (2-3 MB at 12 MP, as
+    phones' own JPEGs are), from the data at hand, which holds no large photos."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -281,12 +283,12 @@ def phone_photos(originals: list[bytes], size: tuple[int, int], noise: float = 8
         image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.BICUBIC), np.float32)
         noisy = np.clip(image + rng.normal(0, noise, image.shape), 0, 255).astype(np.uint8)
         buffer = io.BytesIO()
-        Image.fromarray(noisy).save(buffer, "JPEG", quality=90)
+        Image.fromarray(noisy).save(buffer, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         out.append(buffer.getvalue())
     return out
 
 
-def upload_rows(sizes: list[tuple[int, int]], reps: int, say=print) -> list[UploadRow]:
+def upload_rows(uploads: list[tuple[tuple[int, int], str]], reps: int, say=print) -> list[UploadRow]:
     """The steps before the model for one large upload (:func:`phone_photos`), one thread: decoded
     whole (:func:`workers.decode.decode`) against decoded reduced as the worker does for a whole
     photo (:func:`workers.decode.decode_reduced`, ``DECODE_MIN_PX``), the two in turn within each
@@ -306,8 +308,8 @@ def upload_rows(sizes: list[tuple[int, int]], reps: int, say=print) -> list[Uplo
     rows = []
     originals = photos(8)
     own = segmented(embedder.embed, segmenter)([decode(data, settings.max_pixels) for data in originals])
-    for size in sizes:
-        files = phone_photos(originals, size)
+    for size, fmt in uploads:
+        files = phone_photos(originals, size, fmt=fmt)
         took = {way: [] for way in ways}
         crops = {}
         for _ in range(reps + 1):  # the first a warm-up
@@ -329,9 +331,9 @@ def upload_rows(sizes: list[tuple[int, int]], reps: int, say=print) -> list[Uplo
         ms = {way: {name: statistics.median(rep[stage] for rep in took[way][1:])
                     for stage, name in enumerate(UPLOAD_STAGES)} for way in ways}
         reduced = ways["reduced"](files[0])
-        row = UploadRow(size, sum(map(len, files)) / len(files) / 1024, ms["whole"], ms["reduced"],
+        row = UploadRow(size, fmt, sum(map(len, files)) / len(files) / 1024, ms["whole"], ms["reduced"],
                         (reduced.shape[1], reduced.shape[0]), cosine)
-        say(f"  {size[0]}x{size[1]} ({row.kib:.0f} KiB): ms a photo before the model, whole "
+        say(f"  {size[0]}x{size[1]} {fmt} ({row.kib:.0f} KiB): ms a photo before the model, whole "
             + ", ".join(f"{k} {v:.1f}" for k, v in row.whole_ms.items()) + f"; reduced to {row.decoded[0]}x"
             + f"{row.decoded[1]} " + ", ".join(f"{k} {v:.1f}" for k, v in row.reduced_ms.items())
             + f"; {row.ratio:.2f}x; cosine to the catalog photo's vector, median, whole {cosine['whole']:.4f}, "

@@ -432,7 +432,7 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
     console.print(f"raw forward vs pipeline, batches {batches}, allocator {os.environ.get('LD_PRELOAD') or 'glibc'}")
     device, forward = bench.forward_rows(batches, reps, say=console.print)
     console.print("large uploads, decoded whole and reduced ...")
-    uploads = bench.upload_rows(bench.UPLOAD_SIZES, reps, say=console.print)
+    uploads = bench.upload_rows(bench.UPLOADS, reps, say=console.print)
     console.print("search per job at catalog scale ...")
     searches = bench.search_rows([1, *job_batch], reps, say=console.print)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -485,7 +485,8 @@ def bench_embed(state_dir: Path = typer.Option(Path(".lookalike/bench-embed"),
                    "cosine to the catalog photo, whole / reduced"):
         table.add_column(column)
     for row in uploads:
-        table.add_row(f"{row.size[0]}x{row.size[1]}, {row.kib:.0f} KiB", f"{row.decoded[0]}x{row.decoded[1]}",
+        table.add_row(f"{row.size[0]}x{row.size[1]} {row.format}, {row.kib:.0f} KiB",
+                      f"{row.decoded[0]}x{row.decoded[1]}",
                       *(f"{row.whole_ms[name]:.1f} / {row.reduced_ms[name]:.1f}" for name in bench.UPLOAD_STAGES),
                       f"{row.ratio:.2f}x", f"{row.cosine['whole']:.4f} / {row.cosine['reduced']:.4f}")
     console.print(table)

@@ -121,17 +121,21 @@ def _scaled(box: Box, sx: float, sy: float, width: int, height: int) -> Box:
 
 def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: int | None = None,
                    region: Box | None = None) -> Decoded:
-    """:func:`decode`, but a JPEG whose long side (or ``region``'s) is at least twice
-    ``min_long_side`` is decoded at 1/2, 1/4 or 1/8 of its size, the smallest that keeps that long
-    side at ``min_long_side`` or more: libjpeg-turbo's scaled inverse DCT
-    (:meth:`PIL.Image.Image.draft`), which skips most of the decoding work and low-passes the image
-    as it goes. The worker, the indexer and ``lookalike eval`` use it with ``min_long_side`` twice
-    the model's input (``DECODE_MIN_PX``), so a product that spans half of the photo's long side
-    (or of a caller's crop box) still reaches the model at 224 px or more. A 3024x4032 photo of 2.4
-    MB then decodes at 1/8 (378x504) in 32 against 48 ms whole, and is segmented and cropped in 2.7
-    against 54 ms (``lookalike bench embed``, one thread, AVX-512 AMD VM); on the 953 validation
-    photos scaled up 6x and 12x the search and category figures are those of the whole decoding
-    (README, "Large photos").
+    """:func:`decode`, but an image whose long side (or ``region``'s) is at least twice
+    ``min_long_side`` comes out reduced, that long side kept at ``min_long_side`` or more. A JPEG is
+    decoded at 1/2, 1/4 or 1/8 of its size, the smallest that keeps it: libjpeg-turbo's scaled
+    inverse DCT (:meth:`PIL.Image.Image.draft`), which skips most of the decoding work and low-passes
+    the image as it goes. Other formats (and a JPEG still twice too large at 1/8) are decoded whole,
+    then reduced by the largest whole factor that keeps it (the mean of each block,
+    :meth:`PIL.Image.Image.reduce`): the decoding costs the same, the steps after it less. The
+    worker, the indexer and ``lookalike eval`` use it with ``min_long_side`` twice the model's input
+    (``DECODE_MIN_PX``), so a product that spans half of the photo's long side (or of a caller's crop
+    box) still reaches the model at 224 px or more. A 3024x4032 JPEG of 2.4 MB then decodes at 1/8
+    (378x504) in 32 against 48 ms whole, and is segmented and cropped in 2.7 against 54 ms; a
+    1170x2532 PNG of 5 MB is reduced at 1/5 (234x507), before the model in 61.3 against 70.1 ms,
+    its pixels 0.4 MB instead of 8.9 (``lookalike bench embed``, one thread, AVX-512 AMD VM); on the
+    953 validation photos scaled up 6x and 12x the search and category figures are those of the
+    whole decoding (README, "Large photos").
 
     Args:
         data, max_pixels, max_bytes: As :func:`decode`; the limits apply to the upload's own size.
@@ -140,8 +144,8 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
             upload, EXIF orientation applied), or None for all of it.
 
     Returns:
-        The pixels and the upload's size (:class:`Decoded`); other formats, and JPEGs under twice
-        ``min_long_side``, whole, as :func:`decode` gives them.
+        The pixels and the upload's size (:class:`Decoded`); images under twice ``min_long_side``
+        whole, as :func:`decode` gives them.
 
     Raises:
         ImageRejected: As :func:`decode`.
@@ -154,7 +158,11 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
             image.draft("RGB", tuple(math.ceil(side * min_long_side / long_side) for side in stored))
         orientation = _orientation(image)
         width, height = stored[::-1] if orientation in (5, 6, 7, 8) else stored  # EXIF turns it
-        return Decoded(_pixels(image, data, orientation, whole=image.size == stored), width, height)
+        pixels = _pixels(image, data, orientation, whole=image.size == stored)
+        factor = int(long_side * pixels.shape[1] / width) // min_long_side  # what the decoder left to reduce
+        if factor >= 2:  # not a JPEG (or one beyond libjpeg's 1/8): the mean of each factor x factor block
+            pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
+        return Decoded(pixels, width, height)
 
 
 def _pixels(image: Image.Image, data: bytes, orientation: int, whole: bool) -> np.ndarray:

@@ -79,13 +79,16 @@ def test_upload_rows_time_whole_and_reduced_decoding_of_large_photos(monkeypatch
     sample = sorted((Path(__file__).resolve().parents[2] / "ops" / "sample" / "images").glob("*.jpg"))
     monkeypatch.setattr(bench_embed, "photos", lambda n: [p.read_bytes() for p in sample[:n]])
     said = []
-    (row,) = bench_embed.upload_rows([(900, 1200)], 1, say=said.append)
-    assert row.size == (900, 1200) and row.decoded == (450, 600)  # 1/2: the long side no less than 448
-    assert list(row.whole_ms) == list(row.reduced_ms) == list(bench_embed.UPLOAD_STAGES)
-    assert all(ms > 0 for ms in [*row.whole_ms.values(), *row.reduced_ms.values()])
-    assert row.ratio == pytest.approx(sum(row.whole_ms.values()) / sum(row.reduced_ms.values()))
-    assert all(0.5 < row.cosine[way] <= 1.0001 for way in ("whole", "reduced")), row.cosine  # the same products
-    assert "900x1200" in said[0] and f"{row.ratio:.2f}x" in said[0]
+    rows = bench_embed.upload_rows([((900, 1200), "JPEG"), ((900, 1200), "PNG")], 1, say=said.append)
+    assert [row.format for row in rows] == ["JPEG", "PNG"]
+    assert bench_embed.phone_photos(bench_embed.photos(1), (64, 64), fmt="PNG")[0].startswith(b"\x89PNG")
+    for row, line in zip(rows, said):
+        assert row.size == (900, 1200) and row.decoded == (450, 600)  # 1/2: the long side no less than 448
+        assert list(row.whole_ms) == list(row.reduced_ms) == list(bench_embed.UPLOAD_STAGES)
+        assert all(ms > 0 for ms in [*row.whole_ms.values(), *row.reduced_ms.values()])
+        assert row.ratio == pytest.approx(sum(row.whole_ms.values()) / sum(row.reduced_ms.values()))
+        assert all(0.5 < row.cosine[way] <= 1.0001 for way in ("whole", "reduced")), row.cosine  # the same products
+        assert f"900x1200 {row.format}" in line and f"{row.ratio:.2f}x" in line
 
 
 def test_celery_rows_give_each_configuration_its_turn_and_pair_the_rounds(settings, stack, tmp_path):

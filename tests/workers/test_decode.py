@@ -228,9 +228,18 @@ def test_a_region_keeps_its_own_long_side_when_reduced():
         assert max(inner.w, inner.h) >= 448 and reduced.to_upload(inner) == region
 
 
-def test_only_jpegs_are_reduced_and_small_ones_are_decoded_as_decode_does():
-    png = encode(photo(size=(1500, 2000)), "PNG")
-    assert decode_reduced(png, MAX_PIXELS, 448).pixels.shape == (2000, 1500, 3)
+def test_other_formats_are_reduced_after_decoding_and_small_ones_are_decoded_as_decode_does():
+    whole = photo(size=(1500, 2000))
+    whole.paste((0, 204, 0), (0, 0, 750, 999))  # a green quarter: edges inside the blocks and on them
+    png = decode_reduced(encode(whole, "PNG"), MAX_PIXELS, 448)  # 2000 // 448: the mean of each 4x4 block
+    assert png.pixels.shape == (500, 375, 3) and (png.width, png.height) == (1500, 2000)
+    assert np.array_equal(png.pixels, np.asarray(whole.resize((375, 500), Image.BOX)))
+    assert decode_reduced(encode(whole, "PNG"), MAX_PIXELS, 1001).pixels.shape == (2000, 1500, 3)  # under twice
+    # A screenshot's size, not a multiple of the factor (5): the last row of blocks is short, boxes map back whole.
+    screenshot = decode_reduced(encode(photo(size=(1170, 2532)), "PNG"), MAX_PIXELS, 448)
+    assert screenshot.pixels.shape == (507, 234, 3)
+    assert screenshot.to_upload(Box(x=0, y=0, w=234, h=507)) == Box(x=0, y=0, w=1170, h=2532)
+    assert screenshot.from_upload(Box(x=585, y=0, w=585, h=2532)) == Box(x=117, y=0, w=117, h=507)
     small = (SAMPLE / "queries" / "10128.jpg").read_bytes()  # 224 px: under twice 448
     reduced = decode_reduced(small, MAX_PIXELS, 448)
     assert np.array_equal(reduced.pixels, decode(small, MAX_PIXELS)) and (reduced.width, reduced.height) == (224, 224)
@@ -238,10 +247,14 @@ def test_only_jpegs_are_reduced_and_small_ones_are_decoded_as_decode_does():
 
 @pytest.mark.parametrize("name", GOOD)
 def test_good_files_decode_reduced_to_rgb_of_their_own_size(name):
-    data, shape, _ = GOOD[name]  # 64x48 and the like: JPEGs reduced to half with a long side of 32 allowed
+    data, shape, probe = GOOD[name]  # 64x48 and the like: reduced to half with a long side of 32 allowed
     reduced = decode_reduced(data, MAX_PIXELS, 32)
     assert (reduced.height, reduced.width) == shape and reduced.pixels.dtype == np.uint8
-    assert reduced.pixels.shape[:2] in (shape, tuple(-(-side // 2) for side in shape))
+    half = max(shape) >= 64
+    assert reduced.pixels.shape[:2] == (tuple(side // 2 for side in shape) if half else shape)
+    if probe is not None:  # the same colours: alpha, palettes and 16 bits resolved before the pixels are averaged
+        (y, x), rgb = probe
+        assert np.abs(reduced.pixels[y // 2, x // 2].astype(int) - rgb).max() <= 12, reduced.pixels[y // 2, x // 2]
 
 
 @pytest.mark.parametrize("name", BAD)
