@@ -211,6 +211,7 @@ def test_a_large_jpeg_is_decoded_reduced_but_not_below_the_long_side_asked():
         resized = np.asarray(Image.fromarray(whole).resize(shape[::-1], Image.BOX))
         assert np.abs(resized.astype(int) - reduced.pixels).mean() < 2.0
     assert decode_reduced(data, MAX_PIXELS, 1001).pixels.shape == whole.shape  # under twice 1001: whole
+    assert decode_reduced(data, MAX_PIXELS, 100).pixels.shape == (125, 94, 3)  # 1/8 (250x188), then halved
 
     exif = Image.Exif()
     exif[0x0112] = 6  # stored on its side, turned by EXIF: 2000x1500 as shown
@@ -230,7 +231,7 @@ def test_a_region_keeps_its_own_long_side_when_reduced():
 
 def test_other_formats_are_reduced_after_decoding_and_small_ones_are_decoded_as_decode_does():
     whole = photo(size=(1500, 2000))
-    whole.paste((0, 204, 0), (0, 0, 750, 999))  # a green quarter: edges inside the blocks and on them
+    whole.paste((0, 204, 0), (0, 0, 752, 999))  # green: one edge on the grid of 4x4 blocks, one inside a block
     png = decode_reduced(encode(whole, "PNG"), MAX_PIXELS, 448)  # 2000 // 448: the mean of each 4x4 block
     assert png.pixels.shape == (500, 375, 3) and (png.width, png.height) == (1500, 2000)
     assert np.array_equal(png.pixels, np.asarray(whole.resize((375, 500), Image.BOX)))
