@@ -428,9 +428,9 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
     try:
         for worker in workers.values():
             worker.wait(lambda w=worker: w.metrics() is not None, "a worker")
-        nodes = _nodes(control, {size: f"bench-embed-{size}-{tag}@" for size in batch_sizes})
+        nodes = worker_nodes(control, {size: f"bench-embed-{size}-{tag}@" for size in batch_sizes})
         for node in nodes.values():
-            _consume(control, node, False)
+            set_consuming(control, node, False)
         gateway, url = start_gateway(env, log_dir)
         rates: dict[tuple[int, int], list[float]] = {(b, s): [] for b in batch_sizes for s in submitters}
         latencies = {key: [] for key in rates}
@@ -440,14 +440,14 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
             for s in submitters:
                 for size in order:
                     worker, key = workers[size], (size, s)
-                    _consume(control, nodes[size], True)
+                    set_consuming(control, nodes[size], True)
                     if r == 0 and s == submitters[0]:  # its first turn: warm up
                         _submit(url, env["LOOKALIKE_REDIS_URL"], queries, 2, 4)
                     before = worker.metrics()
                     elapsed, took, lost = _submit(url, env["LOOKALIKE_REDIS_URL"], queries, s,
                                                   max(jobs_per_submitter, math.ceil(min_jobs / s)))
                     after = worker.metrics()
-                    _consume(control, nodes[size], False)
+                    set_consuming(control, nodes[size], False)
                     rates[key].append(len(took) / elapsed)
                     latencies[key] += took
                     failed[key] += lost
@@ -472,8 +472,9 @@ def celery_rows(env: dict[str, str], log_dir: Path, batch_sizes: list[int], subm
     return rows
 
 
-def _nodes(control, prefixes: dict[int, str], timeout_s: float = 30) -> dict[int, str]:
-    """The Celery node name of each worker (by the prefix of its ``-n`` name), once all answer a ping."""
+def worker_nodes(control, prefixes: dict, timeout_s: float = 30) -> dict:
+    """The Celery node name of each worker (key -> the prefix of its ``-n`` name, e.g. ``name@``),
+    key -> node, once all answer a ping (``control``: a Celery app's ``control`` on the broker)."""
     deadline = time.monotonic() + timeout_s
     while True:
         names = [name for reply in control.ping(timeout=1.0) for name in reply]
@@ -485,7 +486,7 @@ def _nodes(control, prefixes: dict[int, str], timeout_s: float = 30) -> dict[int
                                f"(answered: {names}); see their logs")
 
 
-def _consume(control, node: str, on: bool) -> None:
+def set_consuming(control, node: str, on: bool) -> None:
     """Make worker ``node`` start (``on``) or stop consuming the vision queue, and wait for its reply."""
     from schemas.tasks import QUEUE_VISION
 

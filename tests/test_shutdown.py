@@ -81,10 +81,11 @@ class Process:
             self.proc.wait()
 
 
-def start_worker(stack: dict[str, str], log_path: Path) -> Process:
-    name = f"shutdown-{uuid.uuid4().hex[:6]}@%h"
+def start_worker(stack: dict[str, str], log_path: Path, name: str | None = None) -> Process:
+    """A vision worker as the Procfile runs it, its Celery node ``{name}@{host}`` (a random name if None)."""
+    name = name or f"shutdown-{uuid.uuid4().hex[:6]}"
     return Process([str(BIN / "celery"), "-A", "workers.tasks", "worker", "-Q", QUEUE_VISION, "-P", "threads",
-                    "-c", "2", "-n", name, "--loglevel", "INFO"], stack, log_path)
+                    "-c", "2", "-n", f"{name}@%h", "--loglevel", "INFO"], stack, log_path)
 
 
 def submit_jobs(settings, n: int) -> list[str]:

@@ -1,20 +1,23 @@
 """A vision worker killed with SIGKILL mid-load: the jobs it held are redelivered and finish.
 
 Two workers share queue ``vision`` with a short visibility timeout
-(``LOOKALIKE_VISIBILITY_TIMEOUT_S``); one is killed while both run jobs. The jobs it held stay
-``running`` (or ``queued``, in its micro-batch buffer) until Redis (kombu's restore loop in the
-surviving worker) hands them back; a message it had popped but not yet recorded as unacked is sent
-again by the lost-message sweep (workers/sweep.py). The test prints how long each took. No other
-worker runs during this module.
+(``LOOKALIKE_VISIBILITY_TIMEOUT_S``); one is killed while it runs jobs and more wait. The jobs it
+held stay ``running`` (or ``queued``, in its micro-batch buffer) until Redis (kombu's restore loop
+in the surviving worker) hands them back; a message it had popped but not yet recorded as unacked
+is sent again by the lost-message sweep (workers/sweep.py). The test prints how long each took. No
+other worker runs during this module.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 
 import httpx
 import redis
+from celery import Celery
 
+from ops.bench_embed import set_consuming, worker_nodes
 from schemas.api import JobStatus
 from schemas.jobs import job_key
 from schemas.tasks import QUEUE_VISION, RESTORE_INTERVAL_S
@@ -29,17 +32,26 @@ def test_jobs_of_a_worker_killed_mid_load_are_redelivered_and_finish(settings, s
     client = redis.Redis.from_url(settings.redis_url)
     drop_queued_jobs(client)  # whatever earlier tests left without a worker
     env = {**stack, "LOOKALIKE_VISIBILITY_TIMEOUT_S": str(VISIBILITY_TIMEOUT_S)}
-    # Queued before the workers start, so that both find work waiting however fast they run (submitted
-    # to running workers, the jobs could all be done by the time the last one was sent).
-    job_ids = submit_jobs(settings, 100)
-    survivor = start_worker(env, tmp_path / "survivor.log")
-    victim = start_worker(env, tmp_path / "victim.log")
+    tag = uuid.uuid4().hex[:6]
+    survivor = start_worker(env, tmp_path / "survivor.log", f"survivor-{tag}")
+    victim = start_worker(env, tmp_path / "victim.log", f"victim-{tag}")
     try:
         survivor.wait_serving(300)  # the machine is shared: loading can be slow
         victim.wait_serving(300)
-        while not victim.metric("lookalike_worker_batch_jobs_count"):  # running a batch, with jobs waiting
-            assert client.llen(QUEUE_VISION), f"the survivor took every job first: {statuses(client, job_ids)}"
-            time.sleep(0.01)  # it holds its prefetched messages too
+        # The jobs are queued while neither consumes, and the victim starts first: killed once it runs a
+        # batch, it holds that batch and a full prefetch, with jobs still waiting. (Both consuming queued
+        # jobs from the start, the survivor, loaded first, once took all but the victim's last few, which
+        # were done when it was killed.)
+        control = Celery("kill-test", broker=settings.redis_url, set_as_current=False).control
+        nodes = worker_nodes(control, {"survivor": f"survivor-{tag}@", "victim": f"victim-{tag}@"})
+        for node in nodes.values():
+            set_consuming(control, node, False)
+        job_ids = submit_jobs(settings, 60)
+        set_consuming(control, nodes["victim"], True)
+        while not victim.metric("lookalike_worker_batch_jobs_count"):
+            time.sleep(0.01)
+        set_consuming(control, nodes["survivor"], True)
+        assert client.llen(QUEUE_VISION), f"the victim took every job: {statuses(client, job_ids)}"
         victim.proc.kill()
         killed_at = time.time()
         victim.proc.wait()
