@@ -127,12 +127,12 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
     inverse DCT (:meth:`PIL.Image.Image.draft`), which skips most of the decoding work and low-passes
     the image as it goes. Other formats (and a JPEG still twice too large at 1/8) are decoded whole,
     then reduced by the largest whole factor that keeps it (the mean of each block,
-    :meth:`PIL.Image.Image.reduce`): the decoding costs the same, the steps after it less. The
+    :meth:`PIL.Image.Image.reduce`, before the pixels leave Pillow): the steps after it cost less. The
     worker, the indexer and ``lookalike eval`` use it with ``min_long_side`` twice the model's input
     (``DECODE_MIN_PX``), so a product that spans half of the photo's long side (or of a caller's crop
     box) still reaches the model at 224 px or more. A 3024x4032 JPEG of 2.4 MB then decodes at 1/8
     (378x504) in 32 against 48 ms whole, and is segmented and cropped in 2.7 against 54 ms; a
-    1170x2532 PNG of 5 MB is reduced at 1/5 (234x507), before the model in 61.3 against 70.1 ms,
+    1170x2532 PNG of 5 MB is reduced at 1/5 (234x507), before the model in 46.8 against 61.2 ms,
     its pixels 0.4 MB instead of 8.9 (``lookalike bench embed``, one thread, AVX-512 AMD VM); on the
     953 validation photos scaled up 6x and 12x the search and category figures are those of the
     whole decoding (README, "Large photos").
@@ -156,25 +156,25 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
         long_side = max(stored) if region is None else max(region.w, region.h)
         if image.format == "JPEG" and long_side >= 2 * min_long_side:
             image.draft("RGB", tuple(math.ceil(side * min_long_side / long_side) for side in stored))
+        # What the decoder leaves to reduce: every format but JPEG, and a JPEG still twice too large at 1/8.
+        factor = int(long_side * image.size[0] / stored[0]) // min_long_side
         orientation = _orientation(image)
         width, height = stored[::-1] if orientation in (5, 6, 7, 8) else stored  # EXIF turns it
-        pixels = _pixels(image, data, orientation, whole=image.size == stored)
-        factor = int(long_side * pixels.shape[1] / width) // min_long_side  # what the decoder left to reduce
-        if factor >= 2:  # not a JPEG (or one beyond libjpeg's 1/8): the mean of each factor x factor block
-            pixels = np.asarray(Image.fromarray(pixels).reduce(factor))
-        return Decoded(pixels, width, height)
+        return Decoded(_pixels(image, data, orientation, whole=image.size == stored, factor=factor), width, height)
 
 
-def _pixels(image: Image.Image, data: bytes, orientation: int, whole: bool) -> np.ndarray:
+def _pixels(image: Image.Image, data: bytes, orientation: int, whole: bool, factor: int = 1) -> np.ndarray:
     """The pixels of an image :func:`_open` gave, ``whole`` or reduced by its ``draft``, turned by its
-    EXIF ``orientation``: uint8 (H, W, 3) RGB."""
-    if whole and plain_jpeg(image.format, image.mode, data):
+    EXIF ``orientation``, and reduced by ``factor`` if it is 2 or more (the mean of each factor x
+    factor block, :meth:`PIL.Image.Image.reduce`, before the pixels are copied out of Pillow, so
+    that only the reduced ones are): uint8 (H, W, 3) RGB."""
+    if whole and factor < 2 and plain_jpeg(image.format, image.mode, data):
         pixels = decode_jpegs([data], [orientation], torch.device("cpu"))
         if pixels is not None:  # else corrupt: Pillow, below, says why
             return np.ascontiguousarray(pixels[0].numpy())
     image.load()  # the first frame or page only
     ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
-    return _to_rgb(image)
+    return _to_rgb(image, factor)
 
 
 def plain_jpeg(fmt: str, mode: str, data: bytes) -> bool:
@@ -304,18 +304,20 @@ def _too_many_pixels(width: int, height: int, max_pixels: int) -> ImageRejected:
                          "(LOOKALIKE_MAX_PIXELS); send a smaller photo", "too_many_pixels")
 
 
-def _to_rgb(image: Image.Image) -> np.ndarray:
+def _to_rgb(image: Image.Image, factor: int) -> np.ndarray:
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return _high_depth_to_rgb(image)
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        image = _high_depth_to_grey(image)
+    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return np.asarray(rgb.reduce(factor) if factor >= 2 else rgb, dtype=np.uint8)
 
 
-def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
-    """16-bit or 32-bit grey (PNG, TIFF): scale to 0-255 (Pillow's own convert would clip at 255)."""
+def _high_depth_to_grey(image: Image.Image) -> Image.Image:
+    """16-bit or 32-bit grey (PNG, TIFF) as 8-bit grey (mode ``L``): scaled to 0-255 (Pillow's own
+    convert would clip at 255)."""
     values = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         low, high = float(values.min()), float(values.max())
@@ -323,4 +325,4 @@ def _high_depth_to_rgb(image: Image.Image) -> np.ndarray:
     else:
         values = values / 257.0  # 65535 -> 255
     grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    return np.repeat(grey[:, :, None], 3, axis=2)
+    return Image.fromarray(grey)
