@@ -311,8 +311,11 @@ def _to_rgb(image: Image.Image, factor: int) -> np.ndarray:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    return np.asarray(rgb.reduce(factor) if factor >= 2 else rgb, dtype=np.uint8)
+    if image.mode not in ("L", "RGB"):  # palettes, CMYK, 1 bit, ...: their RGB colours before the mean
+        image = image.convert("RGB")
+    if factor >= 2:
+        image = image.reduce(factor)  # grey before it becomes three channels (7x less work at 12 MP)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
 def _high_depth_to_grey(image: Image.Image) -> Image.Image:
