@@ -202,6 +202,8 @@ class IndexerSettings(ModelSettings, FetchSettings):
     poll_timeout_ms: int = Field(100, ge=1, description="Longest wait for one micro-batch to fill.")
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(1000, ge=100)
+    topic_check_interval_s: float = Field(
+        5.0, gt=0, description="How often the indexer checks that the broker still has the catalog topics.")
     image_roots: list[Path] = Field(
         default_factory=list,
         description="Directories an event's `image.path` may point into; empty refuses every path.",

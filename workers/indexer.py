@@ -352,8 +352,8 @@ def thumbnail(pixels: np.ndarray, max_px: int) -> bytes:
 
 
 TAKEOVER_TIMEOUT_S = 30.0  # longest replay of a taken-over shard's changelog before rebuilding from Postgres
-TOPIC_CHECK_INTERVAL_S = 5.0  # how often the indexer checks that the broker still has the catalog topics
 RECREATED_WATCH_S = 120.0  # how long after recreating the topics an indexer with no partitions rejoins
+REJOIN_AFTER_SESSIONS = 3  # session timeouts an indexer owns no shard before it rejoins (see TopicWatch)
 
 
 class _Ownership(ConsumerRebalanceListener):
@@ -361,12 +361,17 @@ class _Ownership(ConsumerRebalanceListener):
 
     def __init__(self, indexer: Indexer) -> None:
         self.indexer = indexer
+        self.assigning = False  # the callbacks run on the Kafka client's I/O thread, beside the poll loop
 
     def on_partitions_revoked(self, revoked) -> None:
         self.indexer.revoke([tp.partition for tp in revoked])
 
     def on_partitions_assigned(self, assigned) -> None:
-        self.indexer.assign([tp.partition for tp in assigned])
+        self.assigning = True
+        try:
+            self.indexer.assign([tp.partition for tp in assigned])
+        finally:
+            self.assigning = False
 
 
 def consumer_for(settings: IndexerSettings, listener: ConsumerRebalanceListener | None = None) -> KafkaConsumer:
@@ -421,23 +426,28 @@ class TopicWatch:
     """Recreates the catalog topics when the broker lost them (a memory broker restarted): the
     group then starts over on the empty log, and shards come back from Postgres on reassignment.
 
-    A group that rebalanced while the topic was missing can be left holding no partitions after
-    the topic is back (seen with Tansu: the sync after the recreation hands this member nothing
-    and no later metadata change triggers another rebalance). So for a while after recreating
-    them, a member with no partitions leaves and rejoins the group, once per session timeout.
+    A member can be left owning no shard when the group should give it some; it then leaves and
+    rejoins the group, once it has owned none for ``REJOIN_AFTER_SESSIONS`` session timeouts (a
+    healthy rebalance is over well before that; one that is building shards is not interrupted):
+
+    - a rebalance that revoked its partitions and never finished (the consumer still lists them):
+      kafka-python 3.0.12 drops the result of a join that completes after the topic's metadata has
+      come back to what it was when the join began, so the shards revoked stay revoked (seen with
+      Tansu after a restart, when the topic was missing for a moment);
+    - for ``RECREATED_WATCH_S`` after recreating the topics, a sync that handed it nothing (seen
+      with Tansu: no later metadata change triggers another rebalance).
     """
 
-    def __init__(self, consumer: KafkaConsumer, settings: IndexerSettings, listener: ConsumerRebalanceListener
-                 ) -> None:
+    def __init__(self, consumer: KafkaConsumer, settings: IndexerSettings, listener: _Ownership) -> None:
         self.consumer, self.settings, self.listener = consumer, settings, listener
         self.checked_at = 0.0
         self.recreated_at: float | None = None
-        self.rejoined_at = 0.0
+        self.idle_since: float | None = None  # since when the indexer has owned no shard
 
     def check(self) -> None:
-        """At most every TOPIC_CHECK_INTERVAL_S: recreate missing topics, rejoin an empty-handed group."""
+        """At most every ``topic_check_interval_s``: recreate missing topics, rejoin if left without shards."""
         now = time.monotonic()
-        if now - self.checked_at < TOPIC_CHECK_INTERVAL_S:
+        if now - self.checked_at < self.settings.topic_check_interval_s:
             return
         self.checked_at = now
         try:
@@ -448,13 +458,22 @@ class TopicWatch:
         except KafkaError as exc:
             log.warning("cannot check topics: %s", exc)
             return
-        watching = self.recreated_at is not None and now - self.recreated_at < RECREATED_WATCH_S
-        session_s = self.settings.session_timeout_ms / 1000
-        if watching and not self.consumer.assignment() and now - self.rejoined_at > session_s:
-            log.warning("no partitions assigned since the topics were recreated: rejoining the group")
-            self.consumer.unsubscribe()
-            self.consumer.subscribe([self.settings.products_topic], listener=self.listener)
-            self.rejoined_at = now
+        if self.listener.indexer.shards or self.listener.assigning:
+            self.idle_since = None
+            return
+        self.idle_since = self.idle_since or now
+        if now - self.idle_since < REJOIN_AFTER_SESSIONS * self.settings.session_timeout_ms / 1000:
+            return
+        if self.consumer.assignment():
+            reason = "a rebalance revoked its partitions and has not assigned any"
+        elif self.recreated_at is not None and now - self.recreated_at < RECREATED_WATCH_S:
+            reason = "no partitions assigned since the topics were recreated"
+        else:
+            return  # more indexers than partitions: owning none is right
+        log.warning("%s for %.0f s: rejoining the group", reason, now - self.idle_since)
+        self.consumer.unsubscribe()
+        self.consumer.subscribe([self.settings.products_topic], listener=self.listener)
+        self.idle_since = now
 
 
 def run(settings: IndexerSettings, stop: list[bool]) -> None:
