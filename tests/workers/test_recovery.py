@@ -192,8 +192,8 @@ def test_a_broker_that_lost_everything_is_recovered_from_postgres(env, indexers,
     with LocalStack(tmp_path / "own-broker", env={k: v for k, v in env.items()
                                                    if k != "LOOKALIKE_KAFKA_BOOTSTRAP"},
                     services=("kafka",)) as broker:
-        # Checked often, the topics are found missing before a metadata request makes Tansu
-        # auto-create them, so the indexer recreates them and its group rebalances meanwhile.
+        # Checked often, the topics are usually found missing before a metadata request makes
+        # Tansu auto-create them, so the indexer recreates them and its group rebalances meanwhile.
         local = {**env, **broker.environ(), "LOOKALIKE_TOPIC_CHECK_INTERVAL_S": "0.3"}
         indexers.env = local
         isettings, wsettings = settings_from(local, IndexerSettings), settings_from(local, WorkerSettings)
