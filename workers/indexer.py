@@ -14,6 +14,7 @@ import base64
 import io
 import logging
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,21 +106,28 @@ class Indexer:
         self.lag = metrics.PartitionLag(metrics.INDEXER_LAG)
         self.shards: dict[int, OwnedShard] = {}  # the partitions this indexer owns now
 
-    def assign(self, partitions: list[int]) -> None:
-        """Take ownership of shards (at start, or from an indexer that stopped or left the group):
-        each comes from its newest snapshot plus the changelog after it, else from Postgres."""
+    def build(self, partition: int) -> tuple[OwnedShard, str]:
+        """Shard ``partition`` for an indexer taking it over (at start, or from one that stopped or
+        left the group): from its newest snapshot plus the changelog after it, else from Postgres.
+
+        Returns:
+            The shard and where it came from, for the log.
+
+        Raises:
+            sqlalchemy.exc.OperationalError: Postgres unavailable (transient).
+        """
         policy = IndexPolicy.from_settings(self.settings)
-        for partition in partitions:
-            owned = self.takeover(partition, policy)
-            if owned is None:
-                chunks = catalog.load_vectors(self.engine, self.embedder.model_version, partition)
-                owned = OwnedShard(Shard.build(self.embedder.dim, chunks, policy))
-                source = "postgres"
-            else:
-                source = f"snapshot at offset {owned.snapshot_offset} + changelog to {owned.next_offset}"
-            self.shards[partition] = owned
-            metrics.INDEXER_SHARD_VECTORS.labels(str(partition)).set(owned.shard.ntotal)
-            log.info("own shard %d: %d vectors from %s", partition, owned.shard.ntotal, source)
+        owned = self.takeover(partition, policy)
+        if owned is not None:
+            return owned, f"snapshot at offset {owned.snapshot_offset} + changelog to {owned.next_offset}"
+        chunks = catalog.load_vectors(self.engine, self.embedder.model_version, partition)
+        return OwnedShard(Shard.build(self.embedder.dim, chunks, policy)), "postgres"
+
+    def own(self, partition: int, owned: OwnedShard, source: str) -> None:
+        """Keep ``owned`` as shard ``partition`` from now on."""
+        self.shards[partition] = owned
+        metrics.INDEXER_SHARD_VECTORS.labels(str(partition)).set(owned.shard.ntotal)
+        log.info("own shard %d: %d vectors from %s", partition, owned.shard.ntotal, source)
 
     def takeover(self, partition: int, policy: IndexPolicy) -> OwnedShard | None:
         """Shard ``partition`` from its newest snapshot, then every change of ``catalog.vectors``
@@ -357,21 +365,51 @@ REJOIN_AFTER_SESSIONS = 3  # session timeouts an indexer owns no shard before it
 
 
 class _Ownership(ConsumerRebalanceListener):
-    """Partitions assigned by the group become shards the indexer owns (and revoked ones, not)."""
+    """Partitions assigned by the group become shards the indexer owns (and revoked ones, not).
+
+    kafka-python calls these methods on its I/O thread, the one that sends heartbeats, so they must
+    return well within a session timeout: building a shard can take seconds (each takeover waits up
+    to 3 s for the changelog record before its snapshot, and a broker that lost everything has none):
+    four took 12 s after a broker restart, past the 6 s session timeout, and the member consumed
+    nothing after (seen in CI at a7361cd). So an assignment is only noted here and the poll loop
+    builds the shards (:meth:`build`); one revoked meanwhile is dropped when built. Records of a
+    partition polled before its shard is built are still written and published; the shard, built
+    afterwards from Postgres or the changelog, holds them.
+    """
 
     def __init__(self, indexer: Indexer) -> None:
         self.indexer = indexer
-        self.assigning = False  # the callbacks run on the Kafka client's I/O thread, beside the poll loop
+        self.lock = threading.Lock()
+        self.pending: dict[int, int] = {}  # partition -> generation of the assignment, not built yet
+        self.generation = 0
 
     def on_partitions_revoked(self, revoked) -> None:
-        self.indexer.revoke([tp.partition for tp in revoked])
+        partitions = [tp.partition for tp in revoked]
+        with self.lock:
+            for partition in partitions:
+                self.pending.pop(partition, None)
+        self.indexer.revoke(partitions)
 
     def on_partitions_assigned(self, assigned) -> None:
-        self.assigning = True
-        try:
-            self.indexer.assign([tp.partition for tp in assigned])
-        finally:
-            self.assigning = False
+        with self.lock:
+            self.generation += 1
+            self.pending.update({tp.partition: self.generation for tp in assigned})
+
+    def build(self) -> None:
+        """Build the shards assigned and not built yet (called from the poll loop); one that hits a
+        transient error stays pending and is tried again on the next call."""
+        with self.lock:
+            todo = sorted(self.pending.items())
+        for partition, generation in todo:
+            try:
+                owned, source = self.indexer.build(partition)
+            except TRANSIENT as exc:
+                log.warning("cannot build shard %d yet, will retry: %s", partition, exc)
+                return
+            with self.lock:
+                if self.pending.get(partition) == generation:  # else revoked (or assigned again) meanwhile
+                    del self.pending[partition]
+                    self.indexer.own(partition, owned, source)
 
 
 def consumer_for(settings: IndexerSettings, listener: ConsumerRebalanceListener | None = None) -> KafkaConsumer:
@@ -428,7 +466,7 @@ class TopicWatch:
 
     A member can be left owning no shard when the group should give it some; it then leaves and
     rejoins the group, once it has owned none for ``REJOIN_AFTER_SESSIONS`` session timeouts (a
-    healthy rebalance is over well before that; one that is building shards is not interrupted):
+    healthy rebalance is over well before that; one whose shards are being built is not cut):
 
     - a rebalance that revoked its partitions and never finished (the consumer still lists them):
       kafka-python 3.0.12 drops the result of a join that completes after the topic's metadata has
@@ -458,7 +496,7 @@ class TopicWatch:
         except KafkaError as exc:
             log.warning("cannot check topics: %s", exc)
             return
-        if self.listener.indexer.shards or self.listener.assigning:
+        if self.listener.indexer.shards or self.listener.pending:
             self.idle_since = None
             return
         self.idle_since = self.idle_since or now
@@ -488,6 +526,7 @@ def run(settings: IndexerSettings, stop: list[bool]) -> None:
     backoff_s = 0.5
     try:
         while not stop[0]:
+            listener.build()
             watch.check()
             if step(indexer, consumer) is None:
                 time.sleep(backoff_s)

@@ -1,11 +1,14 @@
-"""When the indexer's TopicWatch rejoins the group: fast unit tests with a fake consumer and clock
-(the recovery it exists for runs against a real broker in test_recovery.py)."""
+"""How the indexer follows its group's rebalances: when _Ownership builds and drops shards, and when
+TopicWatch rejoins the group. Fast unit tests with fakes (the recoveries they exist for run against
+a real broker in test_recovery.py)."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
+import sqlalchemy as sa
 from kafka import TopicPartition
 
 from schemas.settings import IndexerSettings
@@ -72,7 +75,7 @@ def test_a_member_that_owns_shards_or_is_building_them_never_rejoins(clock):
     watch, listener = watch_for(consumer, shards={0: object()})
     run_for(watch, clock, 10 * SESSION_S)
     listener.indexer.shards = {}
-    listener.assigning = True  # on_partitions_assigned is still building the first shard
+    listener.on_partitions_assigned([TopicPartition("p", 0)])  # assigned, its shard not built yet
     run_for(watch, clock, 10 * SESSION_S)
     assert consumer.rejoins == 0
 
@@ -97,3 +100,77 @@ def test_after_recreating_the_topics_an_empty_handed_member_rejoins(clock, monke
     rejoins = consumer.rejoins
     run_for(watch, clock, 10 * SESSION_S)
     assert consumer.rejoins == rejoins
+
+
+class FakeIndexer:
+    """Builds a shard as a string; ``during_build`` runs inside build (a rebalance meanwhile)."""
+
+    def __init__(self) -> None:
+        self.shards: dict[int, str] = {}
+        self.built: list[int] = []
+        self.during_build = lambda partition: None
+
+    def build(self, partition: int) -> tuple[str, str]:
+        self.built.append(partition)
+        self.during_build(partition)
+        return f"shard {partition}", "postgres"
+
+    def own(self, partition: int, owned: str, source: str) -> None:
+        self.shards[partition] = owned
+
+    def revoke(self, partitions: list[int]) -> None:
+        for partition in partitions:
+            self.shards.pop(partition, None)
+
+
+def test_an_assignment_is_only_noted_on_the_kafka_thread_and_built_by_the_poll_loop():
+    indexer = FakeIndexer()
+    listener = _Ownership(indexer)
+    listener.on_partitions_assigned([TopicPartition("p", 1), TopicPartition("p", 0)])
+    assert indexer.built == [] and listener.pending == {0: 1, 1: 1}
+    thread = threading.Thread(target=listener.build)  # not the thread that noted it
+    thread.start()
+    thread.join()
+    assert indexer.shards == {0: "shard 0", 1: "shard 1"} and listener.pending == {}
+    listener.build()
+    assert indexer.built == [0, 1]  # nothing built twice
+
+
+def test_a_shard_revoked_while_it_is_built_is_dropped_and_one_assigned_again_is_rebuilt():
+    indexer = FakeIndexer()
+    listener = _Ownership(indexer)
+    listener.on_partitions_assigned([TopicPartition("p", 0), TopicPartition("p", 1)])
+    indexer.during_build = lambda partition: listener.on_partitions_revoked([TopicPartition("p", 0)])
+    listener.build()
+    assert indexer.shards == {1: "shard 1"} and listener.pending == {}
+
+    # Revoked and assigned again while it was built: the shard built may miss what another owner
+    # wrote in between, so it is built again from the newer assignment.
+    def rebalance(partition: int) -> None:
+        indexer.during_build = lambda partition: None
+        listener.on_partitions_revoked([TopicPartition("p", 2)])
+        listener.on_partitions_assigned([TopicPartition("p", 2)])
+
+    listener.on_partitions_assigned([TopicPartition("p", 2)])
+    indexer.during_build = rebalance
+    listener.build()
+    assert 2 not in indexer.shards and listener.pending == {2: 3}
+    listener.build()
+    assert indexer.shards[2] == "shard 2" and indexer.built == [0, 1, 2, 2]
+
+
+def test_a_shard_that_cannot_be_built_yet_stays_pending(caplog):
+    indexer = FakeIndexer()
+    listener = _Ownership(indexer)
+    listener.on_partitions_assigned([TopicPartition("p", 0)])
+
+    def postgres_down(partition: int) -> None:
+        raise sa.exc.OperationalError("SELECT", {}, Exception("connection refused"))
+
+    indexer.during_build = postgres_down
+    listener.build()
+    assert indexer.shards == {} and listener.pending == {0: 1}
+    assert "cannot build shard 0 yet" in caplog.text
+    indexer.during_build = lambda partition: None
+    listener.build()
+    assert indexer.shards == {0: "shard 0"}
