@@ -28,18 +28,27 @@ from workers.shards import IndexPolicy, Shard, ShardSet
 log = logging.getLogger(__name__)
 
 
-def still_in_log(bootstrap: str, vectors_topic: str, snapshot: snapshots.Snapshot) -> bool:
-    """Whether the changelog record before the snapshot's offset is the one it recorded."""
+def still_in_log(bootstrap: str, vectors_topic: str, snapshot: snapshots.Snapshot, timeout_s: float = 3.0) -> bool:
+    """Whether the changelog record before the snapshot's offset is the one it recorded.
+
+    False once the partition's high watermark shows the log ends before that record (a broker that
+    lost its log: Tansu answers a fetch past the end with no records and no error, so waiting for
+    one would take all of ``timeout_s``), and after ``timeout_s`` seconds without an answer.
+    """
     if snapshot.offset <= 0:
         return False  # the changelog was empty: replay it all over Postgres instead
     tp = TopicPartition(vectors_topic, snapshot.partition)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="none", consumer_timeout_ms=3000)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="none")
+    deadline = time.monotonic() + timeout_s
     try:
         consumer.assign([tp])
         consumer.seek(tp, snapshot.offset - 1)
-        for record in consumer:
-            return record.offset == snapshot.offset - 1 and record.timestamp == snapshot.last_timestamp_ms
+        while time.monotonic() < deadline:
+            for record in consumer.poll(timeout_ms=200).get(tp, []):
+                return record.offset == snapshot.offset - 1 and record.timestamp == snapshot.last_timestamp_ms
+            highwater = consumer.highwater(tp)
+            if highwater is not None and highwater < snapshot.offset:
+                return False
         return False
     except KafkaError as exc:
         log.info("snapshot %s not usable (%s)", snapshot.path.name, exc)
