@@ -368,13 +368,14 @@ class _Ownership(ConsumerRebalanceListener):
     """Partitions assigned by the group become shards the indexer owns (and revoked ones, not).
 
     kafka-python calls these methods on its I/O thread, the one that sends heartbeats, so they must
-    return well within a session timeout: building a shard can take seconds (each takeover waits up
-    to 3 s for the changelog record before its snapshot, and a broker that lost everything has none):
-    four took 12 s after a broker restart, past the 6 s session timeout, and the member consumed
-    nothing after (seen in CI at a7361cd). So an assignment is only noted here and the poll loop
-    builds the shards (:meth:`build`); one revoked meanwhile is dropped when built. Records of a
-    partition polled before its shard is built are still written and published; the shard, built
-    afterwards from Postgres or the changelog, holds them.
+    return well within a session timeout, and building a shard can take seconds (a snapshot and its
+    changelog, or a shard's vectors from Postgres): built here, four took 12 s after a broker
+    restart, past the 6 s session timeout, and the member consumed nothing after (seen in CI at
+    a7361cd, when each takeover still waited 3 s for a changelog record the broker had lost). So
+    an assignment is only noted here and the poll loop builds the shards (:meth:`build`); one
+    revoked meanwhile is dropped when built. Records of a partition polled before its shard is
+    built are still written and published; the shard, built afterwards from Postgres or the
+    changelog, holds them.
     """
 
     def __init__(self, indexer: Indexer) -> None:
