@@ -106,12 +106,9 @@ class Indexer:
         self.lag = metrics.PartitionLag(metrics.INDEXER_LAG)
         self.shards: dict[int, OwnedShard] = {}  # the partitions this indexer owns now
 
-    def build(self, partition: int) -> tuple[OwnedShard, str]:
+    def build(self, partition: int) -> OwnedShard:
         """Shard ``partition`` for an indexer taking it over (at start, or from one that stopped or
         left the group): from its newest snapshot plus the changelog after it, else from Postgres.
-
-        Returns:
-            The shard and where it came from, for the log.
 
         Raises:
             sqlalchemy.exc.OperationalError: Postgres unavailable (transient).
@@ -119,14 +116,16 @@ class Indexer:
         policy = IndexPolicy.from_settings(self.settings)
         owned = self.takeover(partition, policy)
         if owned is not None:
-            return owned, f"snapshot at offset {owned.snapshot_offset} + changelog to {owned.next_offset}"
+            return owned
         chunks = catalog.load_vectors(self.engine, self.embedder.model_version, partition)
-        return OwnedShard(Shard.build(self.embedder.dim, chunks, policy)), "postgres"
+        return OwnedShard(Shard.build(self.embedder.dim, chunks, policy))
 
-    def own(self, partition: int, owned: OwnedShard, source: str) -> None:
+    def own(self, partition: int, owned: OwnedShard) -> None:
         """Keep ``owned`` as shard ``partition`` from now on."""
         self.shards[partition] = owned
         metrics.INDEXER_SHARD_VECTORS.labels(str(partition)).set(owned.shard.ntotal)
+        source = "postgres" if owned.snapshot_offset is None else \
+            f"snapshot at offset {owned.snapshot_offset} + changelog to {owned.next_offset}"
         log.info("own shard %d: %d vectors from %s", partition, owned.shard.ntotal, source)
 
     def takeover(self, partition: int, policy: IndexPolicy) -> OwnedShard | None:
@@ -403,14 +402,14 @@ class _Ownership(ConsumerRebalanceListener):
             todo = sorted(self.pending.items())
         for partition, generation in todo:
             try:
-                owned, source = self.indexer.build(partition)
+                owned = self.indexer.build(partition)
             except TRANSIENT as exc:
                 log.warning("cannot build shard %d yet, will retry: %s", partition, exc)
                 return
             with self.lock:
                 if self.pending.get(partition) == generation:  # else revoked (or assigned again) meanwhile
                     del self.pending[partition]
-                    self.indexer.own(partition, owned, source)
+                    self.indexer.own(partition, owned)
 
 
 def consumer_for(settings: IndexerSettings, listener: ConsumerRebalanceListener | None = None) -> KafkaConsumer:

@@ -44,8 +44,9 @@ def still_in_log(bootstrap: str, vectors_topic: str, snapshot: snapshots.Snapsho
         consumer.assign([tp])
         consumer.seek(tp, snapshot.offset - 1)
         while time.monotonic() < deadline:
-            for record in consumer.poll(timeout_ms=200).get(tp, []):
-                return record.offset == snapshot.offset - 1 and record.timestamp == snapshot.last_timestamp_ms
+            records = consumer.poll(timeout_ms=200).get(tp, [])
+            if records:
+                return records[0].offset == snapshot.offset - 1 and records[0].timestamp == snapshot.last_timestamp_ms
             highwater = consumer.highwater(tp)
             if highwater is not None and highwater < snapshot.offset:
                 return False

@@ -110,12 +110,12 @@ class FakeIndexer:
         self.built: list[int] = []
         self.during_build = lambda partition: None
 
-    def build(self, partition: int) -> tuple[str, str]:
+    def build(self, partition: int) -> str:
         self.built.append(partition)
         self.during_build(partition)
-        return f"shard {partition}", "postgres"
+        return f"shard {partition}"
 
-    def own(self, partition: int, owned: str, source: str) -> None:
+    def own(self, partition: int, owned: str) -> None:
         self.shards[partition] = owned
 
     def revoke(self, partitions: list[int]) -> None:
