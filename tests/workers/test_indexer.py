@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -17,7 +18,7 @@ from schemas.events import CatalogEvent, DeadLetter, ImageRef, VectorChange
 from schemas.settings import IndexerSettings
 from schemas.tables import product_vectors, products
 from tests.conftest import SAMPLE, serve_photos
-from workers import topics
+from workers import snapshots, topics
 from workers.indexer import Indexer, Outcome, consumer_for, step
 
 
@@ -273,3 +274,38 @@ def test_image_urls_are_fetched_through_the_ssrf_guard(isettings, kafka_clients,
     assert run_until(guarded, consumer, lambda t: t.dead == 1).dead == 1
     letters = [DeadLetter.model_validate_json(r.value) for r in read_all(isettings, isettings.dlq_topic, 1)]
     assert "a loopback address" in letters[-1].reason and "LOOKALIKE_FETCH_ALLOW_PRIVATE" in letters[-1].reason
+
+
+def test_a_shard_given_up_is_snapshotted_off_the_callers_thread_and_built_again_from_that_snapshot(
+        isettings, kafka_clients, engine, embedder, sample_events, tmp_path, monkeypatch):
+    """kafka-python calls ``revoke`` on the thread that sends heartbeats: another thread writes the
+    snapshot, and building the shard again waits for it."""
+    consumer, producer = kafka_clients
+    indexer = Indexer(isettings.model_copy(update={"snapshot_dir": tmp_path, "snapshot_interval_s": 3600.0}),
+                      engine, producer, embedder)
+    for partition in range(isettings.partitions):
+        indexer.own(partition, indexer.build(partition))
+    events = sample_events[45:57]
+    publish(isettings.kafka_bootstrap, isettings.products_topic, events)
+    run_until(indexer, consumer, lambda t: t.applied == len(events))
+    partition = max(indexer.shards, key=lambda p: indexer.shards[p].changes)
+    given_up = indexer.shards[partition]
+    ids = sorted(given_up.shard.ids().tolist())
+
+    release, writers, write = threading.Event(), [], snapshots.write
+
+    def held_write(*args, **kwargs):
+        writers.append(threading.current_thread())
+        assert release.wait(60)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(snapshots, "write", held_write)
+    indexer.revoke([partition])
+    assert partition not in indexer.shards
+    assert snapshots.newest(tmp_path, isettings.model_version, partition) is None  # held in held_write
+    threading.Timer(0.2, release.set).start()
+    built = indexer.build(partition)
+    assert writers and writers[0] is not threading.current_thread()
+    assert built.snapshot_offset == given_up.next_offset is not None
+    assert sorted(built.shard.ids().tolist()) == ids
+    indexer.close()
