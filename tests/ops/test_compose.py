@@ -176,6 +176,9 @@ def test_procfile_processes_run_in_compose_with_the_same_commands(services):
         words = shlex.split(command)
         while "=" in words[0]:  # VAR=value before the program (the metrics port): compose sets env instead
             words.pop(0)
+        # honcho runs each line in `sh -c` and reports that shell's exit status (-15 after SIGTERM
+        # however the program ended) unless the shell is replaced by the program
+        assert words.pop(0) == "exec", f"{process}: {command!r} does not exec its program"
         prefix = words[:4]  # program and module, before host/port/concurrency
         for name in compose_of.get(process, [process]):
             assert name in services, f"Procfile process {process} has no compose service {name}"
