@@ -398,13 +398,16 @@ class _Ownership(ConsumerRebalanceListener):
     changelog, or a shard's vectors from Postgres): built here, four took 12 s after a broker
     restart, past the 6 s session timeout, and the member consumed nothing after (seen in CI at
     a7361cd, when each takeover still waited 3 s for a changelog record the broker had lost). So
-    an assignment is only noted here and the poll loop builds the shards (:meth:`build`); one
-    revoked meanwhile is dropped when built. Records of a partition polled before its shard is
-    built are still written and published; the shard, built afterwards from Postgres or the
-    changelog, holds them. For the same reason a revoked shard's snapshot is written by another
-    thread (:meth:`Indexer.revoke`). They run while the poll loop waits in the consumer's ``poll``
-    or ``close`` (kafka-python 3.0.12 invokes listeners only from a join or a close), never beside
-    :meth:`Indexer.process`.
+    an assignment is only noted here and the poll loop builds the shards (:meth:`build`). Records
+    of a partition polled before its shard is built are still written and published; the shard,
+    built afterwards from Postgres or the changelog, holds them. For the same reason a revoked
+    shard's snapshot is written by another thread (:meth:`Indexer.revoke`).
+
+    They run while the poll loop waits in the consumer's ``poll`` or ``close`` (kafka-python
+    3.0.12 invokes listeners only from a join or a close), so never beside :meth:`Indexer.process`
+    or :meth:`build`. :meth:`build` still keeps a shard only if its partition was not revoked or
+    assigned again while it was built, so that a client that called them from elsewhere could not
+    make it own a shard it no longer has.
     """
 
     def __init__(self, indexer: Indexer) -> None:

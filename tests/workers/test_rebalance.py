@@ -103,7 +103,8 @@ def test_after_recreating_the_topics_an_empty_handed_member_rejoins(clock, monke
 
 
 class FakeIndexer:
-    """Builds a shard as a string; ``during_build`` runs inside build (a rebalance meanwhile)."""
+    """Builds a shard as a string; ``during_build`` runs inside build (a listener called meanwhile,
+    which kafka-python 3.0.12 does not do: ``_Ownership``'s guard against it)."""
 
     def __init__(self) -> None:
         self.shards: dict[int, str] = {}
