@@ -1,55 +1,23 @@
 """Image bytes -> RGB pixels, refusing what is not a usable photo with a reason a person can act on.
 
-The format is read from the content, never from a file name or a declared type: a PNG
-named ``photo.jpg`` is decoded as the PNG it is (the gateway and the indexer only have
-the bytes, and a photo whose name lies is still a photo). SVG and PDF are documents,
-not photos, and are refused as ``unsupported_format``.
-
-Reason codes (``ImageRejected.code``):
-
-=====================  ==============================================================
-``empty``              0 bytes
-``too_large``          more bytes than ``max_bytes``
-``not_an_image``       no known image signature (text, HTML, random bytes)
-``unsupported_format`` an image or document format other than ``FORMATS`` (SVG, PDF, ICO...)
-``too_many_pixels``    width x height over ``max_pixels``, read from the header before
-                       decoding (decompression bombs stop here, before any memory is used)
-``too_small``          a side under ``MIN_SIDE_PX``
-``truncated``          the header is fine but the pixel data stops early
-``corrupt``            a header or pixel data that cannot be decoded
-=====================  ==============================================================
+The checks that need no pixel data, and the reason codes, are :mod:`workers.imagefile`'s (the
+gateway makes them too); this module decodes the pixels: EXIF orientation applied, alpha over white,
+16-bit and float samples scaled to 8 bits, large photos reduced as they are decoded.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import struct
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from schemas.api import Box
-from workers.errors import ImageRejected
+from workers.imagefile import JPEG_FORMATS, exif_orientation, open_image, reasons
 
-MIN_SIDE_PX = 32
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-# Signatures of documents that people send instead of photos (checked before Pillow, which
-# does not read them at all and would call them "not an image").
-DOCUMENTS = {b"%PDF-": "PDF", b"<svg": "SVG", b"<?xml": "SVG"}
-# File signatures of FORMATS: a file that starts like one but that Pillow cannot identify has a broken header.
-SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, ZeroDivisionError)
-
-# Truncated files must fail, not decode to grey: Pillow's default, but a process may change it.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-ORIENTATION = 0x0112  # the EXIF tag
 JPEG_MODES = ("RGB", "L")  # JPEG pixel modes decoded by torchvision (libjpeg-turbo) or nvJPEG; others by Pillow
 EOI = b"\xff\xd9"  # a JPEG's last marker: without it the file was cut short
 
@@ -57,9 +25,10 @@ EOI = b"\xff\xd9"  # a JPEG's last marker: without it the file was cut short
 def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.ndarray:
     """Decode an image file to RGB, EXIF orientation applied, transparency composited over white.
 
-    JPEG (incl. CMYK and progressive), PNG (8/16-bit, grey, palette, alpha), WebP, GIF (the
-    first frame of an animation), BMP and TIFF (the first page). 16-bit and float samples are
-    scaled to 8 bits; alpha is composited over white, like the catalog's studio backgrounds.
+    JPEG (incl. CMYK, progressive, and MPO: the first image), PNG (8/16-bit, grey, palette, alpha,
+    tRNS colour keys), WebP, GIF (the first frame of an animation), BMP and TIFF (the first page).
+    16-bit and float samples are scaled to 8 bits (:func:`_high_depth_to_grey`); alpha is composited
+    over white, like the catalog's studio backgrounds. A damaged EXIF block counts as none.
 
     After Pillow's header checks, a :func:`plain_jpeg` is decoded by torchvision's libjpeg-turbo
     (:func:`torchvision.io.decode_jpeg`): Pillow's pixels exactly (1,000 catalog photos,
@@ -76,12 +45,12 @@ def decode(data: bytes, max_pixels: int, max_bytes: int | None = None) -> np.nda
         uint8 array (H, W, 3), RGB, H and W after EXIF rotation.
 
     Raises:
-        ImageRejected: ``code`` is one of the reason codes in the module docstring; the message
+        ImageRejected: ``code`` is one of the reason codes of :mod:`workers.imagefile`; the message
             names the value and what to send instead.
     """
-    with _reasons(data):
-        image = _open(data, max_pixels, max_bytes)
-        return _pixels(image, data, _orientation(image), whole=True)
+    with reasons(data):
+        image = open_image(data, max_pixels, max_bytes)
+        return _pixels(image, data, whole=True)[0]
 
 
 @dataclass(frozen=True)
@@ -150,31 +119,40 @@ def decode_reduced(data: bytes, max_pixels: int, min_long_side: int, max_bytes: 
     Raises:
         ImageRejected: As :func:`decode`.
     """
-    with _reasons(data):
-        image = _open(data, max_pixels, max_bytes)
+    with reasons(data):
+        image = open_image(data, max_pixels, max_bytes)
         stored = image.size
         long_side = max(stored) if region is None else max(region.w, region.h)
-        if image.format == "JPEG" and long_side >= 2 * min_long_side:
+        if image.format in JPEG_FORMATS and long_side >= 2 * min_long_side:
             image.draft("RGB", tuple(math.ceil(side * min_long_side / long_side) for side in stored))
         # What the decoder leaves to reduce: every format but JPEG, and a JPEG still twice too large at 1/8.
         factor = int(long_side * image.size[0] / stored[0]) // min_long_side
-        orientation = _orientation(image)
-        width, height = stored[::-1] if orientation in (5, 6, 7, 8) else stored  # EXIF turns it
-        return Decoded(_pixels(image, data, orientation, whole=image.size == stored, factor=factor), width, height)
+        pixels, orientation = _pixels(image, data, whole=image.size == stored, factor=factor)
+        width, height = stored[::-1] if orientation in (5, 6, 7, 8) else stored  # EXIF turned it
+        return Decoded(pixels, width, height)
 
 
-def _pixels(image: Image.Image, data: bytes, orientation: int, whole: bool, factor: int = 1) -> np.ndarray:
-    """The pixels of an image :func:`_open` gave, ``whole`` or reduced by its ``draft``, turned by its
-    EXIF ``orientation``, and reduced by ``factor`` if it is 2 or more (the mean of each factor x
-    factor block, :meth:`PIL.Image.Image.reduce`, before the pixels are copied out of Pillow, so
-    that only the reduced ones are): uint8 (H, W, 3) RGB."""
+def _pixels(image: Image.Image, data: bytes, whole: bool, factor: int = 1) -> tuple[np.ndarray, int]:
+    """The pixels of an image :func:`workers.imagefile.open_image` gave, ``whole`` or reduced by its
+    ``draft``, turned by its EXIF orientation, and reduced by ``factor`` if it is 2 or more (the mean
+    of each factor x factor block, :meth:`PIL.Image.Image.reduce`, before the pixels are copied out
+    of Pillow, so that only the reduced ones are): uint8 (H, W, 3) RGB, and the orientation that
+    turned them (1-8; 1 for a TIFF, which Pillow turns as it loads it, its size already turned).
+
+    The EXIF block is read after the pixels (but a plain JPEG's, read with its header): a PNG may
+    carry it after them, and reading it first would load them inside
+    :func:`workers.imagefile.exif_orientation`, which takes any error for a damaged EXIF block.
+    """
     if whole and factor < 2 and plain_jpeg(image.format, image.mode, data):
+        orientation = exif_orientation(image)
         pixels = decode_jpegs([data], [orientation], torch.device("cpu"))
         if pixels is not None:  # else corrupt: Pillow, below, says why
-            return np.ascontiguousarray(pixels[0].numpy())
+            return np.ascontiguousarray(pixels[0].numpy()), orientation
     image.load()  # the first frame or page only
-    ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
-    return _to_rgb(image, factor)
+    orientation = exif_orientation(image)
+    if orientation != 1:
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels
+    return _to_rgb(image, factor), orientation
 
 
 def plain_jpeg(fmt: str, mode: str, data: bytes) -> bool:
@@ -207,107 +185,11 @@ def _orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
     return pixels
 
 
-@dataclass(frozen=True)
-class Header:
-    """What an image file's header says, read without decoding its pixels (:func:`header`).
-
-    Attributes:
-        format: One of :data:`FORMATS`.
-        mode: Pillow's mode of the stored pixels (``RGB``, ``L``, ``CMYK``, ``P``...).
-        orientation: The EXIF orientation, 1-8 (1: as stored; see :func:`PIL.ImageOps.exif_transpose`).
-    """
-
-    format: str
-    mode: str
-    orientation: int
-
-
-def header(data: bytes, max_pixels: int, max_bytes: int | None = None) -> Header:
-    """Every check of :func:`decode` that needs no pixel data (size in bytes, document, format,
-    pixel limits, smallest side), for a decoder that is not Pillow (:mod:`workers.gpu`).
-
-    Raises:
-        ImageRejected: as :func:`decode` for the same reasons; ``truncated`` and pixel-data
-            ``corrupt`` files pass here and are caught by the decoder.
-    """
-    with _reasons(data):
-        image = _open(data, max_pixels, max_bytes)
-        return Header(image.format, image.mode, _orientation(image))
-
-
-def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation of an opened image, 1-8 (1 when absent or invalid)."""
-    orientation = image.getexif().get(ORIENTATION, 1)
-    return orientation if orientation in range(1, 9) else 1
-
-
-def _open(data: bytes, max_pixels: int, max_bytes: int | None) -> Image.Image:
-    """The file opened by Pillow (header read, pixels not), after the checks that need no pixel data."""
-    if not data:
-        raise ImageRejected("the image is empty (0 bytes); send the photo file's contents", "empty")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageRejected(f"the image is {len(data)} bytes, more than the {max_bytes}-byte limit; "
-                            "send a smaller file", "too_large")
-    document = sniff_document(data)
-    if document:
-        raise ImageRejected(f"{document} files are documents, not photos; export the picture as JPEG or PNG "
-                            f"(one of {', '.join(FORMATS)})", "unsupported_format")
-    image = Image.open(io.BytesIO(data))  # DecompressionBombWarning is ignored by _reasons: max_pixels decides
-    if image.format not in FORMATS:
-        raise ImageRejected(
-            f"{image.format} images are not supported; send one of {', '.join(FORMATS)}",
-            "unsupported_format")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise _too_many_pixels(width, height, max_pixels)
-    if min(width, height) < MIN_SIDE_PX:
-        raise ImageRejected(f"the image is {width}x{height} px; both sides must be at least "
-                            f"{MIN_SIDE_PX} px, send a larger photo", "too_small")
-    return image
-
-
-@contextlib.contextmanager
-def _reasons(data: bytes) -> Iterator[None]:
-    """Pillow's exceptions while reading ``data`` -> :class:`ImageRejected` with the reason."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
-    except UnidentifiedImageError:
-        if data.startswith(SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
-            raise ImageRejected("the image's header is corrupt: it starts like an image but its size or format "
-                                "fields cannot be read; re-export or re-save it", "corrupt") from None
-        raise ImageRejected("the file is not an image Lookalike can read (unknown format); "
-                            f"send one of {', '.join(FORMATS)}", "not_an_image") from None
-    except Image.DecompressionBombError as exc:  # over twice Pillow's limit: raised in open, before our check
-        raise ImageRejected(f"the image declares too many pixels to decode safely ({exc}); "
-                            "send a smaller photo", "too_many_pixels") from None
-    except DECODE_ERRORS as exc:
-        if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
-            raise ImageRejected(f"the image file is truncated ({exc}): its data ends early; upload the whole "
-                                "file again", "truncated") from None
-        raise ImageRejected(f"the image could not be decoded ({exc}); the file is corrupt, re-export or "
-                            "re-save it", "corrupt") from None
-
-
-def sniff_document(data: bytes) -> str | None:
-    """``"PDF"`` or ``"SVG"`` when ``data`` starts like one (leading whitespace and a BOM allowed), else None."""
-    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n")
-    for magic, name in DOCUMENTS.items():
-        if head.startswith(magic) and (name != "SVG" or b"<svg" in head):
-            return name
-    return None
-
-
-def _too_many_pixels(width: int, height: int, max_pixels: int) -> ImageRejected:
-    return ImageRejected(f"the image is {width}x{height} px, more than the {max_pixels}-pixel limit "
-                         "(LOOKALIKE_MAX_PIXELS); send a smaller photo", "too_many_pixels")
-
-
 def _to_rgb(image: Image.Image, factor: int) -> np.ndarray:
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         image = _high_depth_to_grey(image)
-    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+    elif image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+            image.mode in ("P", "L", "RGB") and "transparency" in image.info):  # a palette entry, PNG's tRNS colour key
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
@@ -319,13 +201,20 @@ def _to_rgb(image: Image.Image, factor: int) -> np.ndarray:
 
 
 def _high_depth_to_grey(image: Image.Image) -> Image.Image:
-    """16-bit or 32-bit grey (PNG, TIFF) as 8-bit grey (mode ``L``): scaled to 0-255 (Pillow's own
-    convert would clip at 255)."""
+    """16-bit, 32-bit or float grey (PNG, TIFF) as 8-bit grey (mode ``L``), scaled to 0-255 (Pillow's
+    own convert would clip at 255): integers by 65535 -> 255; floats by 1.0 -> 255 when they lie in
+    0-1 (the usual range of float samples), else stretched from their lowest to their highest, NaN
+    and infinities as the lowest. A PNG's tRNS grey key (transparent pixels) becomes white."""
     values = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
-        low, high = float(values.min()), float(values.max())
-        values = (values - low) / max(high - low, 1e-12) * 255.0
+        finite = np.isfinite(values)
+        low, high = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 1.0)
+        if low >= 0.0 and high <= 1.0:
+            low, high = 0.0, 1.0
+        values = (np.where(finite, values, low) - low) / max(high - low, 1e-12) * 255.0
     else:
         values = values / 257.0  # 65535 -> 255
     grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    if isinstance(image.info.get("transparency"), int):
+        grey[np.asarray(image) == image.info["transparency"]] = 255
     return Image.fromarray(grey)

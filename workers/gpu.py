@@ -10,7 +10,7 @@ the numpy path (the mask upsampled and painted as numpy arrays) is about 0.5 ms 
 than this one at batch 1, so the worker uses this path on CUDA
 only unless ``LOOKALIKE_DEVICE_PREPROCESS=on``; the same code runs on the CPU in the tests.
 
-Every file first passes the header checks of :func:`workers.decode.header` (size, format, pixel
+Every file first passes the header checks of :func:`workers.imagefile.header` (size, format, pixel
 limits). Files nvJPEG is not given, or refuses, are decoded by Pillow (:func:`workers.decode.decode`),
 which gives the reason when a file is bad: CMYK and other non-RGB/grey JPEGs, PNG, WebP, GIF, BMP,
 TIFF, and JPEGs without their end-of-image marker (cut short: Pillow says ``truncated``).
@@ -26,7 +26,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from workers.decode import decode, decode_jpegs, header, plain_jpeg
+from workers.decode import decode, decode_jpegs, plain_jpeg
+from workers.imagefile import header
 
 # Decoded arrays are read-only (Pillow's buffers); the tensors shared with them (torch.as_tensor) are only read.
 warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)

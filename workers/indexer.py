@@ -265,6 +265,11 @@ class Indexer:
             except InvalidInput as exc:
                 futures.append(self.dead_letter(record, exc.message))
                 outcome.dead += 1
+            except Exception as exc:  # noqa: BLE001 - a file that breaks the decoder would break every replay too
+                log.exception("product %d: the decoder failed on its image", event.product_id)
+                futures.append(self.dead_letter(record, f"the image could not be decoded ({type(exc).__name__}: "
+                                                        f"{exc}); re-export it as JPEG or PNG"))
+                outcome.dead += 1
         pixels = [p for _, p in images]
         if self.segmenter is not None:  # as the worker does for queries (workers.tasks.Runtime.query)
             pixels = [p for p, _ in self.segmenter.crop_all(pixels)]

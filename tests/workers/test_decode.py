@@ -11,8 +11,9 @@ from PIL import Image, ImageOps
 from tests.conftest import SAMPLE
 
 from schemas.api import Box
-from workers.decode import MIN_SIDE_PX, Decoded, decode, decode_reduced
+from workers.decode import Decoded, decode, decode_reduced
 from workers.errors import ImageRejected
+from workers.imagefile import MIN_SIDE_PX
 
 MAX_PIXELS = 4096 * 4096
 W, H = 64, 48
@@ -75,6 +76,58 @@ def garbled_png_data() -> bytes:
     return bytes(data)
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_damaged_exif() -> bytes:
+    """A good PNG whose eXIf chunk is not TIFF data: the metadata is lost, the photo is fine."""
+    data = encode(photo(), "PNG")
+    at = data.index(b"IDAT") - 4
+    return data[:at] + png_chunk(b"eXIf", b"X" * 16) + data[at:]
+
+
+def webp_damaged_exif() -> bytes:
+    return encode(photo(), "WEBP", quality=90, exif=b"Exif\x00\x00" + b"X" * 16)
+
+
+def mpo() -> bytes:
+    """A JPEG with an MPF index of a second, smaller image (what cameras write for a large preview):
+    Pillow names it MPO; the first image is the photo."""
+    return encode(photo(), "MPO", save_all=True, append_images=[photo(size=(32, 32))])
+
+
+def tiff_turned() -> bytes:
+    """:func:`photo` stored on its side in a TIFF, EXIF orientation 6 turning it back (red on the left)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(photo().transpose(Image.Transpose.ROTATE_90), "TIFF", exif=exif)
+
+
+def tiff_float(values: np.ndarray) -> bytes:
+    return encode(Image.fromarray(values.astype(np.float32)), "TIFF")
+
+
+def webp_truncated() -> bytes:
+    data = encode(photo(size=(256, 256)), "WEBP", quality=90)
+    return data[:len(data) * 9 // 10]
+
+
+def avif_broken() -> bytes:
+    """An AVIF whose primary item does not exist: Pillow's AVIF plugin raises RuntimeError opening it."""
+    data = bytearray(encode(photo(), "AVIF"))
+    at = data.index(b"pitm")
+    data[at + 8:at + 10] = b"\x00\x63"
+    return bytes(data)
+
+
+def dds_broken() -> bytes:
+    """A DDS with no pixel-format flags: Pillow's DDS plugin raises NotImplementedError opening it."""
+    data = bytearray(encode(photo(), "DDS"))
+    struct.pack_into("<I", data, 80, 0)
+    return bytes(data)
+
+
 def bmp_bad_bit_depth() -> bytes:
     data = bytearray(encode(photo(), "BMP"))
     data[28:30] = struct.pack("<H", 7)  # bits per pixel: 7 does not exist
@@ -112,6 +165,18 @@ GOOD = {
     "tiff_lzw": (encode(photo(), "TIFF", compression="tiff_lzw"), (H, W), ((10, 5), (204, 0, 0))),
     "tiff_cmyk": (encode(photo("CMYK"), "TIFF"), (H, W), ((10, 5), (204, 0, 0))),
     "smallest_accepted": (encode(photo(size=(MIN_SIDE_PX, MIN_SIDE_PX)), "PNG"), (MIN_SIDE_PX, MIN_SIDE_PX), None),
+    "jpeg_mpo_with_preview": (mpo(), (H, W), ((10, 5), (204, 0, 0))),
+    "png_damaged_exif": (png_damaged_exif(), (H, W), ((10, 5), (204, 0, 0))),
+    "webp_damaged_exif": (webp_damaged_exif(), (H, W), ((10, 5), (204, 0, 0))),
+    "png_grey_colour_key_is_white": (encode(Image.new("L", (W, H), 0), "PNG", transparency=0), (H, W),
+                                     ((10, 5), (255, 255, 255))),
+    "png_rgb_colour_key_is_white": (encode(photo(), "PNG", transparency=(204, 0, 0)), (H, W),
+                                    ((10, 5), (255, 255, 255))),
+    "png_16bit_grey_colour_key_is_white": (encode(Image.fromarray(np.zeros((H, W), np.uint16)), "PNG", transparency=0),
+                                           (H, W), ((10, 5), (255, 255, 255))),
+    "tiff_exif_rotate_90": (tiff_turned(), (H, W), ((10, 5), (204, 0, 0))),
+    "tiff_float_white": (tiff_float(np.ones((H, W))), (H, W), ((10, 5), (255, 255, 255))),
+    "tiff_float_mid_grey": (tiff_float(np.full((H, W), 0.5)), (H, W), ((10, 5), (128, 128, 128))),
     # The extension is not ours to see: content decides, so a PNG "named" .jpg is a PNG.
     "png_bytes_named_jpg": (encode(photo(), "PNG"), (H, W), ((10, 5), (204, 0, 0))),
 }
@@ -126,7 +191,16 @@ BAD = {
     "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"/>', "unsupported_format", "SVG"),
     "svg_with_xml_prolog": (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported_format",
                             "SVG"),
+    "svg_after_a_comment": (b'<!-- drawn by hand -->\n<svg xmlns="http://www.w3.org/2000/svg"/>', "unsupported_format",
+                            "SVG"),
+    "svg_with_doctype": (b'<!DOCTYPE svg PUBLIC "-//W3C//DTD SVG 1.1//EN" "x.dtd">\n<svg/>', "unsupported_format",
+                         "SVG"),
+    "html_with_inline_svg": (b"<!doctype html><html><body><svg/></body></html>", "not_an_image", "not an image"),
     "pdf": (b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF", "unsupported_format", "PDF"),
+    # Formats Lookalike does not read, broken so that their Pillow plugins raise what no other plugin does.
+    "avif_broken": (avif_broken(), "not_an_image", "not an image"),
+    "dds_broken": (dds_broken(), "not_an_image", "not an image"),
+    "webp_truncated": (webp_truncated(), "truncated", "truncated"),
     "ico": (encode(photo(size=(64, 64)), "ICO"), "unsupported_format", "ICO"),
     "jpeg_truncated_in_data": (encode(photo(size=(256, 256)), "JPEG")[:-400], "truncated", "truncated"),
     "jpeg_header_only": (encode(photo(), "JPEG")[:200], "truncated", "truncated"),

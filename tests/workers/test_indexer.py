@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -18,7 +19,9 @@ from schemas.events import CatalogEvent, DeadLetter, ImageRef, VectorChange
 from schemas.settings import IndexerSettings
 from schemas.tables import product_vectors, products
 from tests.conftest import SAMPLE, serve_photos
+from tests.workers.test_decode import avif_broken
 from workers import snapshots, topics
+from workers.decode import decode_reduced
 from workers.indexer import Indexer, Outcome, consumer_for, step
 
 
@@ -177,25 +180,38 @@ def test_newer_version_wins_and_delete_removes_the_vector(isettings, kafka_clien
 
 
 def test_invalid_events_go_to_the_dead_letter_topic_with_the_reason(isettings, kafka_clients, engine, embedder,
-                                                                    sample_events):
+                                                                    sample_events, monkeypatch):
     consumer, producer = kafka_clients
     good = sample_events[21]
     not_an_image = sample_events[22].model_copy(update={"image": ImageRef(data="aGVsbG8=")})
+    # A broken AVIF made Pillow raise RuntimeError, which stopped the indexer on every replay.
+    avif = sample_events[36].model_copy(update={"image": ImageRef(data=base64.b64encode(avif_broken()).decode())})
+    # A decoder failing in a way it does not name (fault injected): the event is dead-lettered all the same.
+    boom = base64.b64encode(b"\xff\xd8\xffboom").decode()
+    breaking = sample_events[37].model_copy(update={"image": ImageRef(data=boom)})
+
+    def decoder(data, *args, **kwargs):
+        if data.endswith(b"boom"):
+            raise RuntimeError("decoder bug")
+        return decode_reduced(data, *args, **kwargs)
+    monkeypatch.setattr("workers.indexer.decode_reduced", decoder)
     raw = KafkaProducer(bootstrap_servers=isettings.kafka_bootstrap)
     raw.send(isettings.products_topic, key=b"1", value=b"{not json")
     raw.send(isettings.products_topic, key=b"2", value=b'{"op": "upsert", "product_id": 2, "version": 1}')
     raw.flush()
     raw.close()
-    publish(isettings.kafka_bootstrap, isettings.products_topic, [good, not_an_image])
+    publish(isettings.kafka_bootstrap, isettings.products_topic, [good, not_an_image, avif, breaking])
     indexer = Indexer(isettings, engine, producer, embedder)
-    total = run_until(indexer, consumer, lambda t: t.applied + t.dead == 4)
-    assert (total.applied, total.dead) == (1, 3)
+    total = run_until(indexer, consumer, lambda t: t.applied + t.dead == 6)
+    assert (total.applied, total.dead) == (1, 5)
 
     letters = [DeadLetter.model_validate_json(r.value) for r in read_all(isettings, isettings.dlq_topic, 1)]
     reasons = {letter.key: letter.reason for letter in letters}
     assert "Invalid JSON" in reasons["1"]
     assert "an upsert needs title, master_category, image" in reasons["2"]
     assert "not an image" in reasons[str(not_an_image.product_id)]
+    assert "not an image" in reasons[str(avif.product_id)]
+    assert "could not be decoded (RuntimeError: decoder bug)" in reasons[str(breaking.product_id)]
     assert all(letter.topic == isettings.products_topic and letter.offset >= 0 for letter in letters)
     highwater = {tp.partition: consumer.highwater(tp) for tp in consumer.assignment()}
     assert committed(consumer, isettings) == {p: highwater.get(p) or None for p in range(isettings.partitions)}
@@ -206,7 +222,7 @@ def test_invalid_events_go_to_the_dead_letter_topic_with_the_reason(isettings, k
     assert dlq.replay(isettings, {listed[0][0]}) == 1
     run_until(indexer, consumer, lambda t: t.dead == 1)
     again = [letter for _, letter in dlq.read(isettings)]
-    assert len(again) == 4 and again[-1].payload == listed[0][1].payload
+    assert len(again) == 6 and again[-1].payload == listed[0][1].payload
     assert (again[-1].partition, again[-1].offset) != (listed[0][1].partition, listed[0][1].offset)
 
 
