@@ -31,10 +31,11 @@ class Box(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    x: int = Field(ge=0, le=MAX_SIDE_PX, description="Left edge, pixels from the image's left.")
-    y: int = Field(ge=0, le=MAX_SIDE_PX, description="Top edge, pixels from the image's top.")
-    w: int = Field(ge=1, le=MAX_SIDE_PX, description="Width in pixels.")
-    h: int = Field(ge=1, le=MAX_SIDE_PX, description="Height in pixels.")
+    # strict: whole numbers only; true, false and "10" are refused, not read as 1, 0 and 10
+    x: int = Field(ge=0, le=MAX_SIDE_PX, strict=True, description="Left edge, pixels from the image's left.")
+    y: int = Field(ge=0, le=MAX_SIDE_PX, strict=True, description="Top edge, pixels from the image's top.")
+    w: int = Field(ge=1, le=MAX_SIDE_PX, strict=True, description="Width in pixels.")
+    h: int = Field(ge=1, le=MAX_SIDE_PX, strict=True, description="Height in pixels.")
 
 
 Text = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]

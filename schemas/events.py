@@ -24,9 +24,11 @@ class ImageRef(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageRef:
-        given = [name for name in ("url", "path", "data") if getattr(self, name)]
+        given = [name for name in ("url", "path", "data") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"image needs exactly one of url, path or data; got {given or 'none'}")
+        if not getattr(self, given[0]).strip():
+            raise ValueError(f"image.{given[0]} is empty; give the photo's URL, path or base64 bytes")
         return self
 
     def decoded(self) -> bytes:

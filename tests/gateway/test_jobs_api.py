@@ -68,6 +68,8 @@ def test_multipart_takes_the_same_options_as_json_text(client, rclient):
     ({"image_url": "https://a/b.jpg", "k": 101}, 422, "invalid_k", "k"),
     ({"image_url": "https://a/b.jpg", "crop": {"x": -1, "y": 0, "w": 5, "h": 5}}, 422, "invalid_crop", "crop.x"),
     ({"image_url": "https://a/b.jpg", "crop": {"x": 0, "y": 0, "w": 0, "h": 5}}, 422, "invalid_crop", "crop.w"),
+    ({"image_url": "https://a/b.jpg", "crop": {"x": True, "y": 0, "w": 5, "h": 5}}, 422, "invalid_crop", "crop.x"),
+    ({"image_url": "https://a/b.jpg", "crop": {"x": 0, "y": "2", "w": 5, "h": 5}}, 422, "invalid_crop", "crop.y"),
     ({"image_url": "https://a/b.jpg", "filters": {"colour": "red"}}, 422, "invalid_filters", "filters.colour"),
     ({"image_url": "https://a/b.jpg", "filters": {"gender": []}}, 422, "invalid_filters", "filters.gender"),
     ({"image_url": "https://a/b.jpg", "filters": {"year": {"gte": "soon"}}}, 422, "invalid_filters",

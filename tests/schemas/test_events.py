@@ -25,6 +25,9 @@ def test_upsert_round_trips_and_keys_by_product_id():
     ({"product_id": 0}, "greater than or equal to 1"),
     ({"op": "merge"}, "'upsert' or 'delete'"),
     ({"image": {"url": "http://x/1.jpg", "data": "eA=="}}, "exactly one of url, path or data"),
+    ({"image": {"url": "", "data": "eA=="}}, "exactly one of url, path or data"),  # an empty field is a field given
+    ({"image": {"path": " "}}, "image.path is empty"),
+    ({"image": {"data": ""}}, "image.data is empty"),
 ])
 def test_invalid_events_say_what_is_wrong(changes, complaint):
     with pytest.raises(ValidationError, match=complaint):
