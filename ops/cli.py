@@ -206,15 +206,29 @@ def segment_sheet(images: Path = typer.Option(SAMPLE / "images", exists=True, fi
                   n: int = typer.Option(24, "--n", min=1, max=400, help="How many photos, evenly spaced by name."),
                   tile: int = typer.Option(160, min=32, max=1024, help="Side of one tile in pixels."),
                   colours: int = typer.Option(0, min=0, max=256, help="Quantise to N colours (0: no).")) -> None:
-    """Save a contact sheet of photos with their segmentation: background tinted, box green (red: fallback)."""
+    """Save a contact sheet of photos with their segmentation: background tinted, box green (red: fallback).
+    Photos are decoded as the worker decodes them (reduced when large); one that cannot be read is left
+    out with a warning."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image, ImageDraw
 
-    from workers.decode import decode
+    from workers.decode import decode_reduced
+    from workers.embed import DECODE_MIN_PX
     from workers.segment import Segmenter, overlay
+    from workers.train import MAX_PIXELS, read_photos
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise typer.Exit(_fail(f"--out {out}: give a file name ending in .png"))
     files = sorted(f for f in images.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
-    files = files[::max(1, len(files) // n)][:n]
-    pixels = [decode(f.read_bytes(), 4096 * 4096) for f in files]
+    files = [files[i * len(files) // n] for i in range(min(n, len(files)))]  # evenly spaced, first to last
+    with ThreadPoolExecutor(2) as pool:
+        files, pixels = read_photos(files, lambda data: decode_reduced(data, MAX_PIXELS, DECODE_MIN_PX).pixels,
+                                    pool)
+    if not files:
+        raise typer.Exit(_fail(f"no photo (.jpg, .jpeg, .png, .webp) could be read in {images}"))
     columns = min(len(files), 6)
     sheet = Image.new("RGB", (columns * tile, -(-len(files) // columns) * (tile + 14)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -228,7 +242,10 @@ def segment_sheet(images: Path = typer.Option(SAMPLE / "images", exists=True, fi
                   fill=(0, 0, 0))
     if colours:
         sheet = sheet.quantize(colours)
-    sheet.save(out, optimize=True)
+    try:
+        sheet.save(out, optimize=True)
+    except OSError as exc:
+        raise typer.Exit(_fail(f"--out {out} cannot be written: {exc.strerror or exc}")) from None
     console.print(f"{out}: {len(files)} photos, {sum(not s.confident for s in segments)} left whole (not confident)")
 
 

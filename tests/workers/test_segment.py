@@ -117,3 +117,49 @@ def test_holes_are_the_pixels_with_product_on_all_four_sides():
     for n, y, x in np.ndindex(*m.shape):
         expected[n, y, x] = m[n, y, :x + 1].any() and m[n, y, x:].any() and m[n, :y + 1, x].any() and m[n, y:, x].any()
     assert np.array_equal((segment._between(mask, 3) & segment._between(mask, 2)).numpy()[:, 0], expected)
+
+
+def test_segment_sheet_saves_24_photos_and_leaves_out_what_it_cannot_read(tmp_path):
+    """``lookalike segment-sheet``: 24 catalog photos, spread over the whole folder, in a 6 x 4 PNG; a file that
+    is not a photo (or a folder named like one) is left out, not the end of the sheet."""
+    import shutil
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    out = tmp_path / "sheet.png"
+    result = CliRunner().invoke(app, ["segment-sheet", "--out", str(out), "--tile", "64"])
+    assert result.exit_code == 0, result.output
+    assert "24 photos" in " ".join(result.output.split())
+    with Image.open(out) as sheet:
+        assert (sheet.format, sheet.size) == ("PNG", (6 * 64, 4 * (64 + 14)))
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = sorted(SAMPLE.iterdir())
+    for path in (names[0], names[-1]):  # the last one is shown too: evenly spaced from first to last
+        shutil.copy(path, folder)
+    (folder / "notes.jpg").write_text("not a photo")
+    (folder / "x.png").mkdir()
+    result = CliRunner().invoke(app, ["segment-sheet", "--images", str(folder), "--out", str(out), "--n", "4"])
+    assert result.exit_code == 0, result.output
+    assert "2 photos" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("case", ["empty folder", "not png", "out is a folder", "unwritable"])
+def test_segment_sheet_refuses_bad_arguments_with_one_line(tmp_path, case):
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dir.png").mkdir()
+    args = {"empty folder": ["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "a.png")],
+            "not png": ["--out", str(tmp_path / "sheet.jpg")],
+            "out is a folder": ["--out", str(tmp_path / "dir.png")],
+            "unwritable": ["--n", "1", "--out", str(tmp_path / "missing" / "sheet.png")]}[case]
+    result = CliRunner().invoke(app, ["segment-sheet", *args])
+    assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output
+    assert result.output.startswith("error:")
