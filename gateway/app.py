@@ -20,6 +20,7 @@ from kafka.errors import KafkaError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -27,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from gateway import jobs, metrics, products
 from gateway.catalog import CatalogPublisher
-from gateway.errors import ApiError, handle_api_error
+from gateway.errors import ApiError, handle_api_error, handle_http_error
 from gateway.openapi import document as openapi_document
 from schemas.jobs import JobStore
 from schemas.settings import GatewaySettings
@@ -175,6 +176,7 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
         Route("/", page, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: handle_api_error,
+                                                                     HTTPException: handle_http_error})
     app.add_middleware(_Metrics)
     return app

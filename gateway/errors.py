@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
@@ -31,17 +32,32 @@ async def handle_api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status, headers=exc.headers)
 
 
+# Codes of Starlette's own errors: routing, and multipart bodies it cannot parse (request.form()).
+HTTP_CODES = {400: "invalid_form", 404: "not_found", 405: "method_not_allowed"}
+
+
+async def handle_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own errors (no route, wrong method, a multipart body it cannot parse) in the same
+    JSON body as :class:`ApiError`'s, instead of its plain text."""
+    hint = {404: "; see /openapi.json for the routes", 405: "; see /openapi.json for each route's methods",
+            400: "; send multipart/form-data with the file field `image` and the options as text fields"}
+    message = f"{exc.detail}{hint.get(exc.status_code, '')}"
+    return await handle_api_error(request, ApiError(exc.status_code, HTTP_CODES.get(exc.status_code,
+                                                    f"http_{exc.status_code}"), message, headers=exc.headers))
+
+
 def from_validation(exc: ValidationError) -> ApiError:
     """A 422 naming the invalid field (dotted path, e.g. ``filters.year.gte``), with the value.
 
     Of a union's errors (one per member) it reports the one that went deepest, the member the
-    client most likely meant.
+    client most likely meant, and of those one whose type matched (a string too long, not "should be
+    a list").
     """
     errors = exc.errors(include_url=False)
     paths = [_field_path(error["loc"]) for error in errors]
     first = paths[0]
     candidates = [i for i, path in enumerate(paths) if path[:len(first)] == first]
-    chosen = max(candidates, key=lambda i: (len(errors[i]["loc"]), i))
+    chosen = max(candidates, key=lambda i: (len(errors[i]["loc"]), not errors[i]["type"].endswith("_type"), i))
     error, path = errors[chosen], paths[chosen]
     field = ".".join(path) or None
     top = next((part for part in path if not part.isdigit()), "request")

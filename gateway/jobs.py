@@ -28,7 +28,9 @@ from schemas.jobs import job_key, new_job_id
 from schemas.settings import GatewaySettings
 from schemas.tasks import QUEUE_VISION, TASK_EMBED, TASK_SEARCH, EmbedTask, SearchTask
 
-FORM_OVERHEAD_BYTES = 64 * 1024  # multipart boundaries and small fields around the file
+# Room for the options besides the photo: the largest filters the schema allows (7 lists of 100
+# values of 200 characters), the multipart boundaries; also the most one form part may hold.
+FORM_OVERHEAD_BYTES = 1024 * 1024
 POLL_FIRST_S, POLL_MAX_S = 0.02, 0.25  # long-poll: first and longest pause between reads of a job
 
 
@@ -61,8 +63,8 @@ async def _read_photo(request: Request, model: type[ImageInput]) -> tuple[bytes 
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         _check_length(request, settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
-        data, options = await _read_form(request, settings)
         shared = set(model.model_fields) & set(SearchOptions.model_fields)  # e.g. only crop for embeddings
+        data, options = await _read_form(request, settings, shared)
         parsed = model.model_construct(**{name: getattr(options, name) for name in shared},
                                        image_base64=None, image_url=None)
     elif content_type == "application/json":
@@ -91,11 +93,20 @@ async def _accept(request: Request, task_name: str, task: SearchTask | EmbedTask
     return JSONResponse(body.model_dump(), status_code=202, headers={"Location": status_url})
 
 
-async def _read_form(request: Request, settings: GatewaySettings) -> tuple[bytes, SearchOptions]:
-    async with request.form(max_files=1, max_fields=8, max_part_size=64 * 1024) as form:
+async def _read_form(request: Request, settings: GatewaySettings, fields: set[str]) -> tuple[bytes, SearchOptions]:
+    """The photo and the options of a multipart body whose text fields may be ``fields``.
+
+    Raises:
+        ApiError: 422 a field that is not one of ``fields`` (as an unknown JSON key is), or no ``image``.
+    """
+    async with request.form(max_files=1, max_fields=8, max_part_size=FORM_OVERHEAD_BYTES) as form:
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "missing_image", "the form needs a file field `image` with the photo", "image")
+        for name in form.keys():
+            if name != "image" and name not in fields:
+                raise ApiError(422, f"invalid_{name}", f"{name}: not a field of this request; the form takes "
+                               f"`image` and {', '.join(f'`{f}`' for f in sorted(fields))}", name)
         data = await upload.read(settings.max_upload_bytes + 1)
         options = options_from_form(form, _parse_k(form.get("k"), settings.default_k))
     return data, options
@@ -106,7 +117,8 @@ def _check_length(request: Request, limit: int) -> None:
     if length is not None and length.isdigit() and int(length) > limit:
         settings = request.state.settings
         raise ApiError(413, "too_large", f"the request is {length} bytes, more than the "
-                       f"{settings.max_upload_bytes}-byte upload limit (LOOKALIKE_MAX_UPLOAD_BYTES) allows", "image")
+                       f"{settings.max_upload_bytes}-byte upload limit (LOOKALIKE_MAX_UPLOAD_BYTES) and "
+                       f"{FORM_OVERHEAD_BYTES} bytes of options allow", "image")
 
 
 def _base64_length(n_bytes: int) -> int:
@@ -172,9 +184,10 @@ async def _check_queue_depth(request: Request) -> None:
 def _parse_k(raw: object, default: int) -> int:
     if raw is None or raw == "":
         return default
-    if not isinstance(raw, str) or not raw.strip().isdigit() or not 1 <= int(raw) <= 100:
-        raise ApiError(422, "invalid_k", f"k must be an integer from 1 to 100, got {raw!r}", "k")
-    return int(raw)
+    text = raw.strip() if isinstance(raw, str) else ""
+    if not (text.isascii() and text.isdigit() and len(text) <= 3 and 1 <= int(text) <= 100):
+        raise ApiError(422, "invalid_k", f"k must be an integer from 1 to 100, got {str(raw)[:80]!r}", "k")
+    return int(text)
 
 
 def parse_wait_s(request: Request, default: float) -> float:

@@ -93,8 +93,14 @@ def from_query(params: QueryParams) -> SearchOptions:
     """Options from the query parameters of :class:`schemas.api.SimilarQuery`.
 
     Raises:
-        ApiError: 422 naming the parameter.
+        ApiError: 422 naming the parameter, one that is not a parameter of the route included (as an
+            unknown JSON key is: a misspelt option must not be searched without).
     """
+    for name in params:
+        if name not in SimilarQuery.model_fields:
+            raise ApiError(422, f"invalid_{name}", f"{name}: not a query parameter of this request; it takes "
+                           f"{', '.join(SimilarQuery.model_fields)} (a crop or category=auto needs a photo: "
+                           "POST /v1/jobs)", name)
     data = {name: params.getlist(name) if _is_list(info.annotation) else params[name]
             for name, info in SimilarQuery.model_fields.items() if name in params}
     try:

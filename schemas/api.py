@@ -92,7 +92,8 @@ class SearchOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int | None = Field(None, ge=1, le=MAX_K,
+    # strict, as Box's: true and "5" are not read as 1 and 5
+    k: int | None = Field(None, ge=1, le=MAX_K, strict=True,
                           description="How many products to return (default LOOKALIKE_DEFAULT_K).")
     crop: Box | None = Field(None, description="Search only this part of the image, in pixels of the uploaded "
                                                "image; it must lie inside the image.")
@@ -102,8 +103,8 @@ class SearchOptions(BaseModel):
         "for the photo, at the most specific level (`article_type`, else `sub_category`, else "
         "`master_category`) whose top probability is at least LOOKALIKE_AUTO_CATEGORY_MIN_PROB; no "
         "restriction when no level is that sure. The result's `category` says which was used."))
-    exclude_ids: list[ProductId] = Field(default_factory=list, max_length=MAX_EXCLUDE_IDS,
-                                   description="Product ids never to return.")
+    exclude_ids: list[Annotated[ProductId, Field(strict=True)]] = Field(
+        default_factory=list, max_length=MAX_EXCLUDE_IDS, description="Product ids never to return.")
 
 
 class ImageInput(BaseModel):

@@ -12,6 +12,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.jobs import FORM_OVERHEAD_BYTES
 from schemas.api import Box, SearchResult
 from schemas.jobs import QUEUED_KEY, QUEUED_MESSAGES_KEY, JobStore, upload_key
 from schemas.settings import GatewaySettings
@@ -80,6 +81,9 @@ def test_multipart_takes_the_same_options_as_json_text(client, rclient):
      "category.level"),
     ({"image_url": "https://a/b.jpg", "exclude_ids": [1, "two"]}, 422, "invalid_exclude_ids", "exclude_ids.1"),
     ({"image_url": "https://a/b.jpg", "surprise": 1}, 422, "invalid_surprise", "surprise"),
+    ({"image_url": "https://a/b.jpg", "k": True}, 422, "invalid_k", "k"),  # not read as 1
+    ({"image_url": "https://a/b.jpg", "k": "5"}, 422, "invalid_k", "k"),
+    ({"image_url": "https://a/b.jpg", "exclude_ids": [True]}, 422, "invalid_exclude_ids", "exclude_ids.0"),
 ])
 def test_bad_json_jobs_name_the_field(client, rclient, body, status, code, field):
     response = client.post("/v1/jobs", json=body)
@@ -108,10 +112,57 @@ def test_bad_multipart_options_name_the_field(client, rclient):
     assert response.json()["error"]["field"] == "crop.h"
 
 
+@pytest.mark.parametrize("data, code, field", [
+    ({"k": "\u00b2"}, "invalid_k", "k"),  # a superscript two: str.isdigit() says yes, int() says no
+    ({"k": "9" * 5000}, "invalid_k", "k"),  # past int()'s 4,300 digits
+    ({"exclude_id": "[1]"}, "invalid_exclude_id", "exclude_id"),  # misspelt: refused, not searched without
+    ({"filter": '{"gender": "Men"}'}, "invalid_filter", "filter"),
+])
+def test_bad_multipart_fields_are_422_naming_the_field(client, rclient, data, code, field):
+    response = client.post("/v1/jobs", files={"image": ("a.jpg", jpeg())}, data=data)
+    assert response.status_code == 422, response.text
+    assert (response.json()["error"]["code"], response.json()["error"]["field"]) == (code, field)
+    assert rclient.llen(QUEUE_VISION) == 0
+
+
+def test_an_embedding_form_takes_only_its_crop(client, rclient):
+    response = client.post("/v1/embeddings", files={"image": ("a.jpg", jpeg())}, data={"k": "5"})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_k", response.text
+    assert "`crop`" in response.json()["error"]["message"]
+
+
+def test_the_largest_filters_fit_a_multipart_field(client, rclient):
+    filters = {name: [f"{i:03d}" + "x" * 197 for i in range(100)]
+               for name in ("gender", "master_category", "sub_category", "article_type")}
+    field = json.dumps(filters)
+    assert len(field) > 64 * 1024  # Starlette's default part limit
+    response = client.post("/v1/jobs", files={"image": ("a.jpg", jpeg())}, data={"filters": field})
+    assert response.status_code == 202, response.text
+    assert queued_task(rclient).filters.gender == filters["gender"]
+
+
+def test_a_string_too_long_for_a_filter_says_so(client):
+    response = client.post("/v1/jobs", json={"image_url": "https://a/b.jpg", "filters": {"gender": "x" * 201}})
+    assert response.status_code == 422
+    assert "at most 200 characters" in response.json()["error"]["message"]  # not "should be a valid list"
+
+
+@pytest.mark.parametrize("method, path, kwargs, status, code", [
+    ("get", "/v1/nothing", {}, 404, "not_found"),
+    ("delete", "/v1/jobs/abc", {}, 405, "method_not_allowed"),
+    ("post", "/v1/jobs", {"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}},
+     400, "invalid_form"),
+])
+def test_starlettes_own_errors_are_json_errors_too(client, method, path, kwargs, status, code):
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code and response.json()["error"]["message"]
+
+
 def test_a_json_body_is_cut_off_at_the_limit_even_without_content_length(client):
     def chunks():
         yield b'{"image_base64": "'
-        for _ in range(100):
+        for _ in range(FORM_OVERHEAD_BYTES // 1024 + 100):  # past the photo's base64 and the options' room
             yield b"A" * 1024
 
     response = client.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"})

@@ -63,6 +63,8 @@ def test_similar_queues_a_search_by_product_and_waits(client, product, rclient):
     ({"k": "0"}, "k"), ({"year_gte": "soon"}, "year_gte"), ({"exclude_id": "x"}, "exclude_id"),
     ({"category_level": "colour", "category_value": "x"}, "category_level"),
     ({"category_value": "Shirts"}, "category_level"), ({"wait_s": "999"}, "wait_s"),
+    # Not parameters of /similar: refused, not searched without (a photo's options, a misspelling).
+    ({"category": "auto"}, "category"), ({"exclude_ids": "5"}, "exclude_ids"), ({"colour": "red"}, "colour"),
 ])
 def test_bad_similar_parameters_name_the_parameter(client, product, rclient, params, field):
     response = client.get(f"/v1/products/{PRODUCT_ID}/similar", params=params)
