@@ -26,6 +26,7 @@ PREFIX = "lookalike:"
 REPLICAS_KEY = PREFIX + "replicas"
 QUEUED_KEY = PREFIX + "queued"
 QUEUED_MESSAGES_KEY = PREFIX + "queued-messages"
+ENDED = (JobState.done, JobState.failed)
 
 
 def job_key(job_id: str) -> str:
@@ -94,6 +95,8 @@ class JobStore:
         current = self.get(job_id)
         if current is None:  # expired or never existed: keep a record of the outcome anyway
             current = JobStatus(job_id=job_id, status=JobState.queued, created_at=time.time(), updated_at=0)
+        if current.status in ENDED and changes.get("status") in ENDED:
+            return current  # the first outcome stands: a second run of a message delivered twice ends after it
         status = current.model_copy(update={**changes, "updated_at": time.time()})
         self.client.set(job_key(job_id), status.model_dump_json(), ex=self.ttl_s)
         return status
@@ -104,7 +107,7 @@ class JobStore:
         acknowledging the message) must not run it a second time."""
         current = self.get(job_id)
         self.forget_queued(job_id)
-        if current is not None and current.status in (JobState.done, JobState.failed):
+        if current is not None and current.status in ENDED:
             return None
         return self._update(job_id, status=JobState.running)
 

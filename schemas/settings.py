@@ -179,6 +179,14 @@ class WorkerSettings(ModelSettings, FetchSettings):
         "up (workers/shards.py, BLAS_FROM_QUERIES). A job that arrives while a worker thread is idle runs "
         "at once; while all are busy, jobs gather up to this many, and a thread that is free again takes them "
         "all from 4 up, else one (README, Micro-batching: p95 at 4 submitters)."))
+    @field_validator("job_batch_size")
+    @classmethod
+    def _batches_that_form(cls, size: int) -> int:
+        if size in (2, 3):  # workers/shards.py BLAS_FROM_QUERIES: under 4 jobs a thread takes one job alone
+            raise ValueError(f"LOOKALIKE_JOB_BATCH_SIZE {size} would never batch: micro-batches of fewer than 4 "
+                             "jobs are not formed (they share no catalog search); use 1 (no batching) or 4 or more")
+        return size
+
     job_batch_wait_ms: float = Field(5.0, gt=0, le=10_000, description=(
         "Micro-batch: while every worker thread is busy, how often to look whether one is free again "
         "(the jobs gathered meanwhile are then flushed)."))
