@@ -9,17 +9,37 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+
+BIGINT_MAX = 2**63 - 1  # products.id and .version are PostgreSQL BIGINT (schemas/tables.py)
+
+
+def _storable(value: str) -> str:
+    """Text PostgreSQL can store: no NUL character, valid Unicode (JSON may carry a lone surrogate)."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character (\\u0000), which PostgreSQL text cannot hold; remove it")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (a lone surrogate, e.g. \\ud800); send UTF-8 text") from None
+    return value
+
+
+# A category, gender, colour...: short enough for its btree index (master_category's; PostgreSQL
+# refuses index rows over 8191 bytes) and for a search filter, which takes at most 200 characters.
+Label = Annotated[str, Field(max_length=200), AfterValidator(_storable)]
+Title = Annotated[str, Field(max_length=2000), AfterValidator(_storable)]
+Reference = Annotated[str, AfterValidator(_storable)]
 
 
 class ImageRef(BaseModel):
     """Where a product's photo is: exactly one of ``url``, ``path`` or ``data`` (base64)."""
 
-    url: str | None = None
-    path: str | None = None
+    url: Reference | None = None
+    path: Reference | None = None
     data: str | None = Field(None, description="The file's bytes, standard base64.")
 
     @model_validator(mode="after")
@@ -47,17 +67,17 @@ class CatalogEvent(BaseModel):
     """One change to the catalog. A version older than the stored one is ignored."""
 
     op: Literal["upsert", "delete"]
-    product_id: int = Field(ge=1)
-    version: int = Field(ge=0, description="Monotonic per product, e.g. a timestamp in ms.")
-    title: str | None = None
-    gender: str | None = None
-    master_category: str | None = None
-    sub_category: str | None = None
-    article_type: str | None = None
-    base_colour: str | None = None
-    season: str | None = None
-    year: int | None = None
-    usage: str | None = None
+    product_id: int = Field(ge=1, le=BIGINT_MAX)
+    version: int = Field(ge=0, le=BIGINT_MAX, description="Monotonic per product, e.g. a timestamp in ms.")
+    title: Title | None = None
+    gender: Label | None = None
+    master_category: Label | None = None
+    sub_category: Label | None = None
+    article_type: Label | None = None
+    base_colour: Label | None = None
+    season: Label | None = None
+    year: int | None = Field(None, ge=0, le=9999)
+    usage: Label | None = None
     image: ImageRef | None = None
 
     @model_validator(mode="after")
@@ -113,3 +133,9 @@ class DeadLetter(BaseModel):
     offset: int
     key: str | None
     payload: str = Field(description="The original message value, base64.")
+
+    @field_validator("payload")
+    @classmethod
+    def _base64(cls, payload: str) -> str:
+        base64.b64decode(payload, validate=True)  # binascii.Error is a ValueError: the letter is invalid
+        return payload

@@ -105,6 +105,9 @@ def test_upserts_and_deletes_are_published_keyed_by_product(writer, settings):
     (product(title=None), 422, "invalid_request", None),
     (product(year=20000), 422, "invalid_year", "year"),
     ([], 422, "invalid_request", None),
+    # What the indexer could not store: refused here, not published (they stopped its partition).
+    (product(title="a\x00b"), 422, "invalid_title", "title"),
+    (product(master_category="x" * 3000), 422, "invalid_master_category", "master_category"),
 ])
 def test_bad_products_are_refused_naming_the_field(writer, body, status, code, field):
     response = writer.post("/v1/products", json=body, headers={"X-API-Key": KEY})
@@ -129,3 +132,10 @@ def test_each_key_is_rate_limited_per_minute(gsettings):
         assert 1 <= int(response.headers["retry-after"]) <= 60
         assert client.delete("/v1/products/5", headers={"X-API-Key": key}).status_code == 429
         assert client.post("/v1/products", json=bad, headers={"X-API-Key": other}).status_code == 422  # its own
+
+
+def test_a_lone_surrogate_is_a_422_not_a_500(writer):
+    body = json.dumps(product()).replace('"title": "', '"title": "\\ud800', 1)
+    response = writer.post("/v1/products", content=body, headers={"X-API-Key": KEY, "content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "title"

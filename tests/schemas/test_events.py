@@ -28,6 +28,14 @@ def test_upsert_round_trips_and_keys_by_product_id():
     ({"image": {"url": "", "data": "eA=="}}, "exactly one of url, path or data"),  # an empty field is a field given
     ({"image": {"path": " "}}, "image.path is empty"),
     ({"image": {"data": ""}}, "image.data is empty"),
+    # What PostgreSQL cannot store: refused here (dead-lettered), not failing the indexer's write.
+    ({"title": "a\x00b"}, "contains a NUL character"),
+    ({"image": {"path": "/srv/a\x00.jpg"}}, "contains a NUL character"),
+    ({"master_category": "x" * 201}, "at most 200 characters"),  # over its btree index's row limit at 3,000
+    ({"product_id": 2**63}, "less than or equal to 9223372036854775807"),
+    ({"version": 2**63}, "less than or equal to 9223372036854775807"),
+    ({"year": 2**31}, "less than or equal to 9999"),
+    ({"title": "\ud800"}, "unicode"),
 ])
 def test_invalid_events_say_what_is_wrong(changes, complaint):
     with pytest.raises(ValidationError, match=complaint):
