@@ -11,6 +11,7 @@ write is idempotent by product id and version, so a replay changes nothing.
 from __future__ import annotations
 
 import base64
+import stat
 import io
 import logging
 import signal
@@ -359,6 +360,14 @@ class Indexer:
                 raise ImageRejected(f"image.path {image.path} is outside the allowed roots "
                                     f"{[str(r) for r in self.roots]} (LOOKALIKE_IMAGE_ROOTS)", "path_refused")
             try:
+                info = path.stat()  # before reading: a FIFO would block the partition, a huge file fill the memory
+                if not stat.S_ISREG(info.st_mode):
+                    raise ImageRejected(f"image.path {image.path} is not a regular file; point it at the photo's file",
+                                        "unreadable")
+                if info.st_size > self.settings.max_image_bytes:
+                    raise ImageRejected(f"image.path {image.path} is {info.st_size} bytes, more than the "
+                                        f"{self.settings.max_image_bytes}-byte limit (LOOKALIKE_MAX_IMAGE_BYTES); "
+                                        "send a smaller file", "too_large")
                 return path.read_bytes()
             except OSError as exc:
                 raise ImageRejected(f"image.path {image.path} cannot be read: {exc.strerror}", "unreadable") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from tests.conftest import SAMPLE, serve_photos
 from tests.workers.test_decode import avif_broken
 from workers import snapshots, topics
 from workers.decode import decode_reduced
+from workers.errors import ImageRejected
 from workers.indexer import Indexer, Outcome, consumer_for, step
 
 
@@ -336,3 +338,23 @@ def test_a_shard_given_up_is_snapshotted_off_the_callers_thread_and_built_again_
     assert built.snapshot_offset == given_up.next_offset is not None
     assert sorted(built.shard.ids().tolist()) == ids
     indexer.close()
+
+
+def test_an_image_path_is_checked_before_it_is_read(isettings, kafka_clients, engine, embedder, sample_events,
+                                                    tmp_path):
+    """A FIFO would block the partition, a file over LOOKALIKE_MAX_IMAGE_BYTES would be read whole."""
+    _, producer = kafka_clients
+    settings = isettings.model_copy(update={"image_roots": [tmp_path], "max_image_bytes": 4096})
+    indexer = Indexer(settings, engine, producer, embedder)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with open(tmp_path / "huge.jpg", "wb") as f:
+        f.truncate(1 << 30)  # sparse: 1 GiB long, nothing written
+    (tmp_path / "small.jpg").write_bytes(b"\xff\xd8\xff small")
+    for name, code, words in (("pipe.jpg", "unreadable", "not a regular file"),
+                              ("huge.jpg", "too_large", "1073741824 bytes, more than the 4096-byte limit")):
+        event = sample_events[0].model_copy(update={"image": ImageRef(path=str(tmp_path / name))})
+        with pytest.raises(ImageRejected) as caught:
+            indexer.image_bytes(event)
+        assert (caught.value.code, words in caught.value.message) == (code, True), caught.value.message
+    small = sample_events[0].model_copy(update={"image": ImageRef(path=str(tmp_path / "small.jpg"))})
+    assert indexer.image_bytes(small) == b"\xff\xd8\xff small"
