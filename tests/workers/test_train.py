@@ -103,7 +103,8 @@ def test_unreadable_photos_are_skipped_and_the_cache_keeps_ids_and_features_toge
         assert ids.tolist() == [10, 14]
         assert x[:, :3].argmax(1).tolist() == [0, 2]  # red, blue: each id keeps its own photo's features
         skipped = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert [re.search(r"/images/(\d+\.jpg)", m).group(1) for m in skipped] == ["11.jpg", "12.jpg", "13.jpg"]
+        # in any order: the pool's threads log them
+        assert sorted(re.search(r"/images/(\d+\.jpg)", m).group(1) for m in skipped) == ["11.jpg", "12.jpg", "13.jpg"]
     assert calls == [1, 1]  # chunk [12, 13] had nothing to embed; the second pass embedded nothing
 
 
