@@ -32,18 +32,18 @@ async def handle_api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=exc.status, headers=exc.headers)
 
 
-# Codes of Starlette's own errors: routing, and multipart bodies it cannot parse (request.form()).
-HTTP_CODES = {400: "invalid_form", 404: "not_found", 405: "method_not_allowed"}
+# Starlette's own errors (routing; a multipart body request.form() cannot parse): code and hint.
+HTTP_ERRORS = {400: ("invalid_form", "; send multipart/form-data with the file field `image` and the options "
+                                     "as text fields"),
+               404: ("not_found", "; see /openapi.json for the routes"),
+               405: ("method_not_allowed", "; see /openapi.json for each route's methods")}
 
 
 async def handle_http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Starlette's own errors (no route, wrong method, a multipart body it cannot parse) in the same
     JSON body as :class:`ApiError`'s, instead of its plain text."""
-    hint = {404: "; see /openapi.json for the routes", 405: "; see /openapi.json for each route's methods",
-            400: "; send multipart/form-data with the file field `image` and the options as text fields"}
-    message = f"{exc.detail}{hint.get(exc.status_code, '')}"
-    return await handle_api_error(request, ApiError(exc.status_code, HTTP_CODES.get(exc.status_code,
-                                                    f"http_{exc.status_code}"), message, headers=exc.headers))
+    code, hint = HTTP_ERRORS.get(exc.status_code, (f"http_{exc.status_code}", ""))
+    return await handle_api_error(request, ApiError(exc.status_code, code, f"{exc.detail}{hint}", headers=exc.headers))
 
 
 def from_validation(exc: ValidationError) -> ApiError:

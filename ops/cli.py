@@ -217,12 +217,12 @@ def segment_sheet(images: Path = typer.Option(SAMPLE / "images", exists=True, fi
     from workers.decode import decode_reduced
     from workers.embed import DECODE_MIN_PX
     from workers.segment import Segmenter, overlay
-    from workers.train import MAX_PIXELS, read_photos
+    from workers.train import MAX_PIXELS, SUFFIXES, read_photos
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if out.suffix.lower() != ".png" or out.is_dir():
         raise typer.Exit(_fail(f"--out {out}: give a file name ending in .png"))
-    files = sorted(f for f in images.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    files = sorted(f for f in images.iterdir() if f.suffix.lower() in SUFFIXES)
     files = [files[i * len(files) // n] for i in range(min(n, len(files)))]  # evenly spaced, first to last
     with ThreadPoolExecutor(2) as pool:
         files, pixels = read_photos(files, lambda data: decode_reduced(data, MAX_PIXELS, DECODE_MIN_PX).pixels,

@@ -10,7 +10,7 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, field_validator, model_validator
 
-from schemas.events import CatalogEvent, ImageRef
+from schemas.events import BIGINT_MAX, CatalogEvent, ImageRef, Text
 
 MAX_K = 100
 MAX_EXCLUDE_IDS = 1000
@@ -38,9 +38,8 @@ class Box(BaseModel):
     h: int = Field(ge=1, le=MAX_SIDE_PX, strict=True, description="Height in pixels.")
 
 
-Text = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]
 Values = Text | Annotated[list[Text], Field(min_length=1, max_length=MAX_IN_VALUES)]
-ProductId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+ProductId = Annotated[int, Field(ge=1, le=BIGINT_MAX)]
 
 
 class YearRange(BaseModel):
@@ -285,7 +284,7 @@ class ProductUpsert(CatalogEvent):
 
     op: Literal["upsert"] = "upsert"
     product_id: ProductId
-    version: int = Field(default_factory=lambda: time.time_ns() // 1_000_000, ge=0, le=2**63 - 1,
+    version: int = Field(default_factory=lambda: time.time_ns() // 1_000_000, ge=0, le=BIGINT_MAX,
                          description="Newer wins; default now in ms. An older or equal version changes nothing.")
     year: int | None = Field(None, ge=0, le=9999)
 

@@ -28,9 +28,9 @@ def _storable(value: str) -> str:
     return value
 
 
-# A category, gender, colour...: short enough for its btree index (master_category's; PostgreSQL
-# refuses index rows over 8191 bytes) and for a search filter, which takes at most 200 characters.
-Label = Annotated[str, Field(max_length=200), AfterValidator(_storable)]
+# A category, gender, colour..., in an event and in a search filter (schemas.api): short enough for
+# master_category's btree index (PostgreSQL refuses index rows over 8191 bytes).
+Text = Annotated[str, Field(max_length=200), AfterValidator(_storable)]
 Title = Annotated[str, Field(max_length=2000), AfterValidator(_storable)]
 Reference = Annotated[str, AfterValidator(_storable)]
 
@@ -70,14 +70,14 @@ class CatalogEvent(BaseModel):
     product_id: int = Field(ge=1, le=BIGINT_MAX)
     version: int = Field(ge=0, le=BIGINT_MAX, description="Monotonic per product, e.g. a timestamp in ms.")
     title: Title | None = None
-    gender: Label | None = None
-    master_category: Label | None = None
-    sub_category: Label | None = None
-    article_type: Label | None = None
-    base_colour: Label | None = None
-    season: Label | None = None
+    gender: Text | None = None
+    master_category: Text | None = None
+    sub_category: Text | None = None
+    article_type: Text | None = None
+    base_colour: Text | None = None
+    season: Text | None = None
     year: int | None = Field(None, ge=0, le=9999)
-    usage: Label | None = None
+    usage: Text | None = None
     image: ImageRef | None = None
 
     @model_validator(mode="after")

@@ -11,10 +11,10 @@ write is idempotent by product id and version, so a replay changes nothing.
 from __future__ import annotations
 
 import base64
-import stat
 import io
 import logging
 import signal
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor

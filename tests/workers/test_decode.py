@@ -43,12 +43,15 @@ def png_16bit_grey() -> bytes:
     return encode(Image.fromarray(values), "PNG")
 
 
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A valid PNG signature and IHDR declaring width x height, then one tiny IDAT: a bomb's header."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + png_chunk(b"IEND", b""))
 
 
 def animated_gif() -> bytes:
@@ -74,10 +77,6 @@ def garbled_png_data() -> bytes:
     start = data.index(b"IDAT") + 4
     data[start:start + 20] = b"\xde\xad\xbe\xef" * 5  # zlib stream garbage, CRC now wrong too
     return bytes(data)
-
-
-def png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def png_damaged_exif() -> bytes:

@@ -1,10 +1,14 @@
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
 
+from ops.cli import app
 from workers import segment
 from workers.decode import decode
 from workers.segment import Segmenter
@@ -122,13 +126,6 @@ def test_holes_are_the_pixels_with_product_on_all_four_sides():
 def test_segment_sheet_saves_24_photos_and_leaves_out_what_it_cannot_read(tmp_path):
     """``lookalike segment-sheet``: 24 catalog photos, spread over the whole folder, in a 6 x 4 PNG; a file that
     is not a photo (or a folder named like one) is left out, not the end of the sheet."""
-    import shutil
-
-    from PIL import Image
-    from typer.testing import CliRunner
-
-    from ops.cli import app
-
     out = tmp_path / "sheet.png"
     result = CliRunner().invoke(app, ["segment-sheet", "--out", str(out), "--tile", "64"])
     assert result.exit_code == 0, result.output
@@ -150,10 +147,6 @@ def test_segment_sheet_saves_24_photos_and_leaves_out_what_it_cannot_read(tmp_pa
 
 @pytest.mark.parametrize("case", ["empty folder", "not png", "out is a folder", "unwritable"])
 def test_segment_sheet_refuses_bad_arguments_with_one_line(tmp_path, case):
-    from typer.testing import CliRunner
-
-    from ops.cli import app
-
     (tmp_path / "empty").mkdir()
     (tmp_path / "dir.png").mkdir()
     args = {"empty folder": ["--images", str(tmp_path / "empty"), "--out", str(tmp_path / "a.png")],
